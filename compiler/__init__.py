@@ -1,0 +1,1 @@
+"""Compiler: GGUF import, float reference, compression, packing and scheduling."""

