@@ -77,6 +77,9 @@ def compile_model(model_path, out, preset: str, params: HwParams, calib_text: st
         w.add_table(f"blk.{i}.ffn_norm", model.layer(i, "ffn_norm"))
     w.add_table("output_norm", model.tensors["output_norm.weight"])
     w.files["tokenizer.json"] = json.dumps(tok.to_dict()).encode()
+    # [issue 3, scheduler] RoPE table + length-adaptive instruction programs
+    from .schedule import add_programs
+    add_programs(w)
     formats = {}
     for ct in comp.values():
         formats[ct.fmt.name] = formats.get(ct.fmt.name, 0) + 1

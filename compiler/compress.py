@@ -3,29 +3,31 @@
 Pipeline for one model and one :class:`Recipe`:
 
 1. **Calibrate**: run the float reference over calibration text and keep, for every
-   linear input, the per-channel sum of squares ``sum_t x[t, k]**2``.
-2. **Prune** (N:M along the input axis): Wanda's criterion ``|W[n, k]| * ||X[:, k]||``,
-   keeping the ``n_keep`` largest of every ``m``-window of each row.
-3. **Quantize** every block of ``G`` inputs to signed INTb with a fixed-point scale
-   (:func:`flightllm.hw.formats.quantize_groups`), choosing per block the clipping
-   ratio that minimises the activation-weighted error ``sum_k ||X_k||^2 (W - W^)^2``.
-4. **Allocate** (mixed presets): for every tensor and candidate format the same
-   weighted error is *measured*; a greedy knapsack then upgrades the tensor with the
+   linear input, the Hessian ``H = E[x x^T]``.
+2. **Prune and quantize** each matrix in one optimal-brain-surgeon sweep (``method="obs"``,
+   :mod:`.obs`): SparseGPT's N:M mask along the input axis and GPTQ rounding to signed INTb
+   with one fixed-point scale per group of G inputs (:mod:`flightllm.hw.formats`), the
+   error of every column compensated on the columns not yet done. ``method="rtn"`` is the
+   simple baseline: Wanda's ``|W| * ||X||`` mask and round-to-nearest with a clip search.
+3. **Allocate** (mixed presets): for every matrix and candidate format the output error
+   ``tr(dW H dW^T)`` is *measured*; a greedy knapsack then upgrades the matrix with the
    best error reduction per extra byte until the bytes-per-parameter budget is met.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..hw.formats import SCALE_BITS, WeightFormat, quantize_groups
 from .gguf_import import LINEARS, LlamaModel
+from .obs import obs_compress
 from .reference import FloatLlama
 
 __all__ = ["Recipe", "PRESETS", "get_recipe", "calibrate", "nm_mask", "compress_tensor",
-           "CompressedTensor", "compress_model", "model_tensor_names", "input_stat_key"]
+           "CompressedTensor", "compress_model", "measure_candidates", "allocate_mixed",
+           "model_tensor_names", "input_stat_key", "bytes_per_param"]
 
 # Which calibration statistic feeds each linear (q, k, v share their input, gate/up too).
 _INPUT_OF = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in",
@@ -51,6 +53,7 @@ class Recipe:
     budget_bpp: float | None = None
     candidates: tuple = ()
     description: str = ""
+    method: str = "obs"
 
     @property
     def is_float(self) -> bool:
@@ -65,6 +68,10 @@ PRESETS = {r.name: r for r in [
     Recipe("w8", "int8", "int8", "int8", description="dense INT8 everywhere"),
     Recipe("w4", "int4", "int4", "int4", description="dense INT4 everywhere"),
     Recipe("w4-e8", "int4", "int4", "int8", description="dense INT4, INT8 embedding/LM head"),
+    Recipe("w4-rtn", "int4", "int4", "int4", method="rtn",
+           description="dense INT4 by round-to-nearest (no GPTQ), for comparison"),
+    Recipe("w4-2:4-mlp-rtn", "int4", "int4-2:4", "int4", method="rtn",
+           description="as w4-2:4-mlp with Wanda + round-to-nearest (no SparseGPT/GPTQ)"),
     Recipe("w3", "int3", "int3", "int4", description="dense INT3 layers, INT4 embedding"),
     Recipe("w8-2:4", "int8-2:4", "int8-2:4", "int8", description="2:4 sparse INT8 layers"),
     Recipe("w4-2:4", "int4-2:4", "int4-2:4", "int4", description="2:4 sparse INT4 layers"),
@@ -107,11 +114,16 @@ def input_stat_key(tensor_name: str) -> str:
 
 
 def calibrate(model: LlamaModel, tokens, context: int = 512, progress=None) -> dict:
-    """Per-channel mean of x**2 over the calibration tokens, for every linear input."""
+    """Input Hessians ``E[x x^T]`` (float32, K x K) of every linear input over the calibration tokens.
+
+    Keys are the observer names of :class:`FloatLlama` (see :func:`input_stat_key`); the
+    diagonal is the per-channel mean square that Wanda's criterion uses.
+    """
     sums, count = {}, [0]
 
     def observe(name, x):
-        sums[name] = sums.get(name, 0.0) + np.square(x, dtype=np.float64).sum(axis=0)
+        x64 = x.astype(np.float64)
+        sums[name] = sums.get(name, 0.0) + x64.T @ x64
         if name == "output":
             count[0] += x.shape[0]
 
@@ -164,13 +176,34 @@ class CompressedTensor:
         return n * k * self.fmt.bits_per_weight() / 8
 
 
-def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, act_sq: np.ndarray | None) -> CompressedTensor:
-    """Prune (if sparse) and quantize one matrix, with the per-block clip search."""
+def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray | None,
+                    method: str = "obs") -> CompressedTensor:
+    """Prune (if sparse) and quantize one matrix.
+
+    ``method="obs"`` (needs ``hessian``) is SparseGPT + GPTQ (:mod:`.obs`); ``"rtn"`` is
+    Wanda pruning and round-to-nearest with a per-block clip search. The error recorded
+    is the output error ``tr(dW H dW^T)`` per calibration token (or plain squared error
+    without a Hessian).
+    """
     n, k = w.shape
     if k % fmt.group_size:
         raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of the quant group size {fmt.group_size}")
     if k % fmt.m:
         raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of m={fmt.m}")
+    if method == "obs" and hessian is not None:
+        q, s, sh, full_mask = obs_compress(w, fmt, hessian)
+        ct = CompressedTensor(name, fmt, q, s, sh, full_mask)
+    elif method in ("obs", "rtn"):
+        ct = _rtn_compress(name, w, fmt, None if hessian is None else np.diag(hessian))
+    else:
+        raise ValueError(f"unknown compression method {method!r}: use 'obs' or 'rtn'")
+    dw = ct.dequantize().astype(np.float64) - w
+    ct.error = float(((dw @ hessian) * dw).sum()) if hessian is not None else float((dw ** 2).sum())
+    return ct
+
+
+def _rtn_compress(name, w, fmt, act_sq):
+    n, k = w.shape
     weight = np.ones(k, np.float32) if act_sq is None else np.maximum(act_sq, 1e-12).astype(np.float32)
     mask = None if fmt.dense else nm_mask(w, fmt.n_keep, fmt.m, act_sq)
     wm = w if mask is None else np.where(mask, w, 0.0).astype(np.float32)
@@ -188,11 +221,7 @@ def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, act_sq: np.ndar
             best_err = np.where(better, err, best_err)
             best_clip = np.where(better, np.float32(c), best_clip)
     q, s, sh = quantize_groups(w, fmt, mask, clip=best_clip)
-    full_mask = np.ones(w.shape, bool) if mask is None else mask
-    ct = CompressedTensor(name, fmt, q, s, sh, full_mask)
-    # Total error including the pruned weights themselves.
-    ct.error = float((((ct.dequantize() - w) ** 2) * weight[None, :]).sum())
-    return ct
+    return CompressedTensor(name, fmt, q, s, sh, np.ones(w.shape, bool) if mask is None else mask)
 
 
 def _fixed_format(recipe: Recipe, tensor_name: str, group_size: int) -> WeightFormat:
@@ -250,25 +279,38 @@ def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
         it = progress(names, desc=f"compress {recipe.name}") if progress else names
         for nm in it:
             fmt = _fixed_format(recipe, nm, group_size)
-            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm))
+            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm), recipe.method)
         return out
-    # Mixed: measure every candidate on every tensor, then allocate the budget.
-    fmts = [WeightFormat.parse(c, group_size) for c in recipe.candidates]
-    trials, cands = {}, {}
-    work = [(nm, f) for nm in names for f in fmts]
-    it = progress(work, desc=f"measure {recipe.name}") if progress else work
-    for nm, f in it:
-        ct = compress_tensor(nm, model.tensors[nm], f, stat(nm))
-        # Keep only the integers; the float error drives the choice.
-        trials[(nm, f.name)] = ct
-        cands.setdefault(nm, []).append((ct.nbytes, ct.error, f.name))
-    fixed_bytes = _unpacked_bytes(model)
-    budget = recipe.budget_bpp * model.config.param_count() - fixed_bytes
-    if budget < sum(min(o[0] for o in v) for v in cands.values()):
-        raise ValueError(f"preset {recipe.name}: budget {recipe.budget_bpp:.3f} B/param is below "
-                         "the smallest candidate formats")
+    trials = measure_candidates(model, recipe.candidates, act_stats, group_size, progress, recipe.method)
+    return allocate_mixed(model, recipe, trials)
+
+
+def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, group_size: int = 64,
+                       progress=None, method: str = "obs") -> dict:
+    """Compress every matrix in every candidate format: (name, format) -> CompressedTensor.
+
+    The measured errors drive :func:`allocate_mixed`; one measurement serves any budget.
+    """
+    fmts = [WeightFormat.parse(c, group_size) for c in candidates]
+    work = [(nm, f) for nm in model_tensor_names(model) for f in fmts]
+    it = progress(work, desc="measure candidates") if progress else work
+    return {(nm, f.name): compress_tensor(nm, model.tensors[nm], f, None if act_stats is None
+                                          else act_stats.get(input_stat_key(nm)), method)
+            for nm, f in it}
+
+
+def allocate_mixed(model: LlamaModel, recipe: Recipe, trials: dict) -> dict:
+    """Pick one measured candidate per matrix so the whole model meets ``recipe.budget_bpp``."""
+    cands = {}
+    for (nm, fname), ct in trials.items():
+        cands.setdefault(nm, []).append((ct.nbytes, ct.error, fname))
+    budget = recipe.budget_bpp * model.config.param_count() - _unpacked_bytes(model)
+    floor = sum(min(o[0] for o in v) for v in cands.values())
+    if budget < floor:
+        raise ValueError(f"preset {recipe.name}: budget {recipe.budget_bpp:.3f} B/param is below the "
+                         f"smallest candidates ({(floor + _unpacked_bytes(model)) / model.config.param_count():.3f})")
     choice = _allocate(cands, budget)
-    return {nm: trials[(nm, choice[nm])] for nm in names}
+    return {nm: trials[(nm, choice[nm])] for nm in model_tensor_names(model)}
 
 
 def _unpacked_bytes(model: LlamaModel) -> int:

@@ -29,7 +29,7 @@ import codecs
 import datetime
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import gguf
@@ -106,8 +106,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-# str.translate table: one byte (as a latin-1 character) -> its GPT-2 char.
-_BYTE_TRANSLATION = {b: c for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _field_value(field: gguf.ReaderField) -> Any:
@@ -200,6 +198,10 @@ class Tokenizer:
                 raise ValueError(f"{name}: tokenizer.ggml.{key} = {tid} is outside the vocabulary")
 
         self._name = name
+        # Kept as given so that to_dict() can serialise the tokenizer.
+        self._tokens = list(tokens)
+        self._token_types = [int(t) for t in token_types]
+        self._merges = list(merges)
         self._pre = pre
         self._bos_id = int(bos_id)
         self._eos_id = int(eos_id)
@@ -234,7 +236,7 @@ class Tokenizer:
         # Decoding: normal tokens are GPT-2 byte characters; special tokens are
         # stored as literal text (llama.cpp also emits them verbatim).
         self._id_to_bytes: list[bytes] = []
-        for tid, (tok, ty) in enumerate(zip(tokens, token_types)):
+        for tid, tok in enumerate(tokens):
             if tid in self._special_ids or any(c not in _CHAR_TO_BYTE for c in tok):
                 self._id_to_bytes.append(tok.encode("utf-8"))
             else:
@@ -309,6 +311,46 @@ class Tokenizer:
             chat_template=get("tokenizer.chat_template", None),
             name=name,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the tokenizer as JSON-serialisable data.
+
+        Lets a compiled artifact carry its tokenizer without the GGUF;
+        :meth:`from_dict` rebuilds it.
+
+        Returns
+        -------
+        dict
+            The constructor's arguments.
+        """
+        return {
+            "tokens": self._tokens,
+            "token_types": self._token_types,
+            "merges": self._merges,
+            "pre": self._pre,
+            "bos_id": self._bos_id,
+            "eos_id": self._eos_id,
+            "unk_id": self._unk_id,
+            "add_bos": self._add_bos,
+            "chat_template": self._chat_template_source,
+            "name": self._name,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tokenizer:
+        """Rebuild a tokenizer from :meth:`to_dict` output.
+
+        Parameters
+        ----------
+        data : Mapping
+            As returned by :meth:`to_dict` (e.g. after a JSON round trip).
+
+        Returns
+        -------
+        Tokenizer
+        """
+        data = dict(data)
+        return cls(data.pop("tokens"), data.pop("token_types"), data.pop("merges"), **data)
 
     # --------------------------------------------------------------- properties
 
@@ -428,7 +470,10 @@ class Tokenizer:
             if ids is None:
                 if len(cache) >= _CACHE_LIMIT:
                     cache.clear()
-                ids = cache[piece] = self._bpe(piece.encode("utf-8").decode("latin-1").translate(_BYTE_TRANSLATION))
+                # latin-1 turns each UTF-8 byte into the character with that
+                # ordinal, so one str.translate maps bytes to GPT-2 characters.
+                word = piece.encode("utf-8").decode("latin-1").translate(_BYTE_TO_CHAR)
+                ids = cache[piece] = self._bpe(word)
             out.extend(ids)
 
     def _bpe(self, word: str) -> tuple[int, ...]:

