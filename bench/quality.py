@@ -23,14 +23,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
-                   "w4-2:4", "w4-2:8-mlp", "w4-1:4-mlp", "w3", "mixed-4.4b", "mixed-3.5b", "mixed-3b"]
+DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-rtn", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
+                   "w4-2:4-mlp-rtn", "w4-2:4", "w4-2:8-mlp", "w4-1:4-mlp", "w3",
+                   "mixed-4.4b", "mixed-3.5b", "mixed-3b"]
 
 
 def main(argv=None):
-    from flightllm.compiler.compile import calibration_tokens
+    from flightllm.compiler.compile import PROBE_TOKENS, calibration_tokens
     from flightllm.compiler.compress import (allocate_mixed, bytes_per_param, calibrate,
-                                             compress_model, get_recipe, measure_candidates)
+                                             compress_model, get_recipe, measure_candidates,
+                                             measure_sensitivity)
     from flightllm.compiler.gguf_import import load_gguf
     from flightllm.compiler.reference import perplexity
     from flightllm.compiler.tokenizer import Tokenizer
@@ -55,15 +57,17 @@ def main(argv=None):
                  "bytes_per_param": 4.0, "ppl": ref["ppl"], "tokens": ref["tokens"], "delta_pct": 0.0,
                  "seconds": time.time() - t0})
     print(f"float: ppl {ref['ppl']:.4f} over {ref['tokens']} tokens", flush=True)
-    stats = calibrate(model, calibration_tokens(tok), args.context)
-    trials = None
+    calib = calibration_tokens(tok)
+    stats = calibrate(model, calib, args.context)
+    trials = sens = None
     for name in args.presets.split(","):
         recipe = get_recipe(name)
         t0 = time.time()
         if recipe.budget_bpp is not None:
-            if trials is None:
+            if trials is None:      # one measurement serves every budget
                 trials = measure_candidates(model, recipe.candidates, stats)
-            comp = allocate_mixed(model, recipe, trials)
+                sens = measure_sensitivity(model, trials, calib[-PROBE_TOKENS:])
+            comp = allocate_mixed(model, recipe, trials, sens)
         else:
             comp = compress_model(model, recipe, stats)
         m2 = model.with_tensors({n: ct.dequantize() for n, ct in comp.items()})

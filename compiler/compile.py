@@ -13,6 +13,8 @@ from .artifact import ArtifactWriter
 from .compress import bytes_per_param, calibrate, compress_model, get_recipe
 from .gguf_import import LlamaModel, load_gguf
 
+PROBE_TOKENS = 96      #: calibration tokens the mixed allocation's sensitivity pass runs on
+
 __all__ = ["default_calibration_text", "calibration_tokens", "compress_for_preset", "compile_model",
            "pbar"]
 
@@ -46,7 +48,8 @@ def compress_for_preset(model: LlamaModel, tokenizer, preset: str, group_size: i
     toks = calibration_tokens(tokenizer, calib_text)
     stats = calibrate(model, toks, context=context, progress=progress and
                       (lambda it: progress(it, desc="calibrate")))
-    return recipe, compress_model(model, recipe, stats, group_size, progress)
+    probe = toks[-PROBE_TOKENS:] if recipe.budget_bpp is not None else None
+    return recipe, compress_model(model, recipe, stats, group_size, progress, probe)
 
 
 def compile_model(model_path, out, preset: str, params: HwParams, calib_text: str | None = None,

@@ -10,8 +10,10 @@ Pipeline for one model and one :class:`Recipe`:
    error of every column compensated on the columns not yet done. ``method="rtn"`` is the
    simple baseline: Wanda's ``|W| * ||X||`` mask and round-to-nearest with a clip search.
 3. **Allocate** (mixed presets): for every matrix and candidate format the output error
-   ``tr(dW H dW^T)`` is *measured*; a greedy knapsack then upgrades the matrix with the
-   best error reduction per extra byte until the bytes-per-parameter budget is met.
+   ``tr(dW H dW^T)`` is *measured*, and every matrix's sensitivity (KL at the logits per
+   unit of that error, :func:`measure_sensitivity`); a greedy knapsack then upgrades the
+   matrix with the best estimated-KL reduction per extra byte until the
+   bytes-per-parameter budget is met.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 from ..hw.formats import SCALE_BITS, WeightFormat, quantize_groups
 from .gguf_import import LINEARS, LlamaModel
 from .obs import obs_compress
-from .reference import FloatLlama
+from .reference import FloatLlama, log_softmax
 
 __all__ = ["Recipe", "PRESETS", "get_recipe", "calibrate", "nm_mask", "compress_tensor",
-           "CompressedTensor", "compress_model", "measure_candidates", "allocate_mixed",
+           "CompressedTensor", "compress_model", "measure_candidates", "measure_sensitivity",
+           "allocate_mixed", "SENSITIVITY_PROBE",
            "model_tensor_names", "input_stat_key", "bytes_per_param"]
 
 # Which calibration statistic feeds each linear (q, k, v share their input, gate/up too).
@@ -60,8 +63,8 @@ class Recipe:
         return self.name == "float"
 
 
-_MIXED_CANDIDATES = ("int8", "int4", "int3", "int2", "int8-2:4", "int4-4:8", "int4-2:4",
-                     "int3-2:4", "int4-8:16")
+_MIXED_CANDIDATES = ("int8", "int4", "int3", "int8-2:4", "int4-4:8", "int4-2:4")
+SENSITIVITY_PROBE = "int3"      #: format whose effect on the logits calibrates each tensor's error
 
 PRESETS = {r.name: r for r in [
     Recipe("float", description="unquantized float32 reference"),
@@ -122,8 +125,9 @@ def calibrate(model: LlamaModel, tokens, context: int = 512, progress=None) -> d
     sums, count = {}, [0]
 
     def observe(name, x):
-        x64 = x.astype(np.float64)
-        sums[name] = sums.get(name, 0.0) + x64.T @ x64
+        # float32 BLAS per window (fast), float64 across windows (no drift)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)
         if name == "output":
             count[0] += x.shape[0]
 
@@ -163,7 +167,7 @@ class CompressedTensor:
     scales: np.ndarray       # uint16 (N, K // G)
     shift: int
     mask: np.ndarray         # bool (N, K)
-    error: float = 0.0       # activation-weighted squared error, per calibration token
+    error: float | None = None   # output error tr(dW H dW^T) per calibration token, if measured
 
     def dequantize(self) -> np.ndarray:
         g = self.fmt.group_size
@@ -177,13 +181,13 @@ class CompressedTensor:
 
 
 def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray | None,
-                    method: str = "obs") -> CompressedTensor:
+                    method: str = "obs", measure: bool = True) -> CompressedTensor:
     """Prune (if sparse) and quantize one matrix.
 
     ``method="obs"`` (needs ``hessian``) is SparseGPT + GPTQ (:mod:`.obs`); ``"rtn"`` is
     Wanda pruning and round-to-nearest with a per-block clip search. The error recorded
     is the output error ``tr(dW H dW^T)`` per calibration token (or plain squared error
-    without a Hessian).
+    without a Hessian); ``measure=False`` skips it (it costs N*K^2) and leaves ``error`` None.
     """
     n, k = w.shape
     if k % fmt.group_size:
@@ -197,8 +201,11 @@ def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.nda
         ct = _rtn_compress(name, w, fmt, None if hessian is None else np.diag(hessian))
     else:
         raise ValueError(f"unknown compression method {method!r}: use 'obs' or 'rtn'")
-    dw = ct.dequantize().astype(np.float64) - w
-    ct.error = float(((dw @ hessian) * dw).sum()) if hessian is not None else float((dw ** 2).sum())
+    if not measure:
+        return ct
+    dw = ct.dequantize() - w                                  # float32: BLAS-fast, ample for ranking
+    ct.error = float(((dw @ hessian) * dw).sum(dtype=np.float64)) if hessian is not None \
+        else float((dw.astype(np.float64) ** 2).sum())
     return ct
 
 
@@ -268,8 +275,12 @@ def _allocate(cands: dict, budget_bytes: float) -> dict:
 
 
 def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
-                   group_size: int = 64, progress=None) -> dict:
-    """Compress every packed matrix of ``model``; returns name -> CompressedTensor."""
+                   group_size: int = 64, progress=None, probe_tokens=None) -> dict:
+    """Compress every packed matrix of ``model``; returns name -> CompressedTensor.
+
+    Mixed recipes measure every candidate, then (given ``probe_tokens``) each matrix's
+    sensitivity at the logits, and allocate the budget (:func:`allocate_mixed`).
+    """
     if recipe.is_float:
         raise ValueError("the 'float' preset is the uncompressed reference; nothing to compress")
     names = model_tensor_names(model)
@@ -279,10 +290,11 @@ def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
         it = progress(names, desc=f"compress {recipe.name}") if progress else names
         for nm in it:
             fmt = _fixed_format(recipe, nm, group_size)
-            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm), recipe.method)
+            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm), recipe.method, measure=False)
         return out
     trials = measure_candidates(model, recipe.candidates, act_stats, group_size, progress, recipe.method)
-    return allocate_mixed(model, recipe, trials)
+    sens = None if probe_tokens is None else measure_sensitivity(model, trials, probe_tokens, progress=progress)
+    return allocate_mixed(model, recipe, trials, sens)
 
 
 def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, group_size: int = 64,
@@ -299,11 +311,49 @@ def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, gr
             for nm, f in it}
 
 
-def allocate_mixed(model: LlamaModel, recipe: Recipe, trials: dict) -> dict:
-    """Pick one measured candidate per matrix so the whole model meets ``recipe.budget_bpp``."""
+def measure_sensitivity(model: LlamaModel, trials: dict, tokens, probe: str = SENSITIVITY_PROBE,
+                        progress=None) -> dict:
+    """How much each matrix's output error costs at the logits: name -> KL per unit error.
+
+    The proxy ``tr(dW H dW^T)`` is comparable within a matrix but not across matrices
+    (an error early in the network or in q/k is amplified differently). For each matrix
+    alone, the ``probe`` format's weights are put in, the network is re-run from that
+    layer on ``tokens``, and the mean KL divergence of the next-token distributions from
+    the float model's is divided by the probe's proxy error. To first order KL is
+    proportional to that error, so ``error * factor`` estimates each candidate's KL.
+    """
+    tokens = np.asarray(tokens)
+    ref = FloatLlama(model, max_seq=len(tokens))
+    trace = []
+    base = log_softmax(ref.forward(tokens, trace=trace))
+    pbase = np.exp(base)
+    names = model_tensor_names(model)
+    out = {}
+    for nm in (progress(names, desc="sensitivity") if progress else names):
+        ct = trials.get((nm, probe))
+        if ct is None:
+            raise ValueError(f"sensitivity probe {probe!r} was not measured for {nm!r}")
+        run = FloatLlama(model.with_tensors({nm: ct.dequantize()}), max_seq=len(tokens))
+        if nm.startswith("blk."):
+            layer = int(nm.split(".")[1])
+            logits = run.forward(tokens, first_layer=layer, x=trace[layer])
+        else:                                        # embedding / LM head: the whole network
+            logits = run.forward(tokens)
+        kl = float((pbase * (base - log_softmax(logits))).sum(axis=-1).mean())
+        out[nm] = max(kl, 0.0) / max(ct.error, 1e-30)
+    return out
+
+
+def allocate_mixed(model: LlamaModel, recipe: Recipe, trials: dict, sensitivity: dict | None = None) -> dict:
+    """Pick one measured candidate per matrix so the whole model meets ``recipe.budget_bpp``.
+
+    With ``sensitivity`` (from :func:`measure_sensitivity`) the knapsack minimises the
+    estimated KL at the logits; without it, the sum of the matrices' output errors.
+    """
     cands = {}
     for (nm, fname), ct in trials.items():
-        cands.setdefault(nm, []).append((ct.nbytes, ct.error, fname))
+        w = 1.0 if sensitivity is None else sensitivity[nm]
+        cands.setdefault(nm, []).append((ct.nbytes, ct.error * w, fname))
     budget = recipe.budget_bpp * model.config.param_count() - _unpacked_bytes(model)
     floor = sum(min(o[0] for o in v) for v in cands.values())
     if budget < floor:

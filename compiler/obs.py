@@ -25,18 +25,54 @@ _CLIPS = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7])
 _MANT_MAX = (1 << SCALE_BITS) - 1
 
 
+_FACTORS: dict = {}
+
+
 def _inverse_hessian_factor(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (U^T U = H^-1), with dampening for stability."""
+    """Upper Cholesky factor U of H^-1 (U^T U = H^-1), with dampening for stability.
+
+    Matrices that share an input (q/k/v, gate/up) share the Hessian object, so the
+    last few factors are kept, keyed by identity: the factorisation is O(K^3).
+    """
+    key = (id(h), damp)
+    hit = _FACTORS.get(key)
+    if hit is not None and hit[0] is h:
+        return hit[1]
+    u = _factor(h, damp)
+    if len(_FACTORS) >= 4:
+        _FACTORS.pop(next(iter(_FACTORS)))
+    _FACTORS[key] = (h, u)
+    return u
+
+
+def _lower_inverse(m: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2x2 block recursion (~K^3/3 flops, all BLAS)."""
+    k = m.shape[0]
+    if k <= 128:
+        return np.linalg.inv(m)
+    h = k // 2
+    a_inv = _lower_inverse(m[:h, :h])
+    d_inv = _lower_inverse(m[h:, h:])
+    out = np.zeros_like(m)
+    out[:h, :h] = a_inv
+    out[h:, h:] = d_inv
+    out[h:, :h] = -d_inv @ (m[h:, :h] @ a_inv)
+    return out
+
+
+def _factor(h: np.ndarray, damp: float) -> np.ndarray:
     h = h.astype(np.float64).copy()
     k = h.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    rev = slice(None, None, -1)
     for attempt in range(5):
         try:
-            hinv = np.linalg.inv(np.linalg.cholesky(h))
-            hinv = hinv.T @ hinv                                   # H^-1
-            return np.linalg.cholesky(hinv).T
+            # With P the order reversal and P H P = M M^T (M lower), U = P M^-1 P is upper
+            # and U^T U = H^-1: one Cholesky and one inverse instead of two and two.
+            m = np.linalg.cholesky(h[rev, rev])
+            return _lower_inverse(m)[rev, rev]
         except np.linalg.LinAlgError:                              # not positive definite: damp more
             h[np.diag_indices(k)] += damp * np.mean(np.diag(h)) * 10 ** attempt
     raise ValueError("calibration Hessian is singular even after dampening")

@@ -81,8 +81,13 @@ class FloatLlama:
         if self.observer is not None:
             self.observer(name, x)
 
-    def forward(self, tokens) -> np.ndarray:
-        """Logits (T, vocab) for ``tokens`` appended after the cached positions."""
+    def forward(self, tokens, *, first_layer: int = 0, x=None, trace=None) -> np.ndarray:
+        """Logits (T, vocab) for ``tokens`` appended after the cached positions.
+
+        ``first_layer`` > 0 starts from the residual ``x`` entering that layer (as
+        recorded by ``trace``, a list that receives every layer's input residual), which
+        lets sensitivity analysis re-run only the layers after a change.
+        """
         c, m = self.cfg, self.m
         tokens = np.asarray(tokens, dtype=np.int64)
         t = len(tokens)
@@ -93,41 +98,48 @@ class FloatLlama:
         p0 = self.pos
         pos = np.arange(p0, p0 + t)
         cos, sin = rope_tables(c.head_dim, pos, c.rope_theta)
-        x = m.embedding[tokens].astype(np.float32)
-        hd, nh, nkv = c.head_dim, c.n_heads, c.n_kv_heads
-        rep = nh // nkv
+        if x is None:
+            x = m.embedding[tokens].astype(np.float32)
         causal = pos[:, None] >= np.arange(p0 + t)[None, :]                  # (T, S)
-        scale = np.float32(1.0 / math.sqrt(hd))
-        for i in range(c.n_layers):
-            h = rms_norm(x, m.layer(i, "attn_norm"), c.rms_eps)
-            self._obs(f"blk.{i}.attn_in", h)
-            q = (h @ m.layer(i, "attn_q").T).reshape(t, nh, hd)
-            k = (h @ m.layer(i, "attn_k").T).reshape(t, nkv, hd)
-            v = (h @ m.layer(i, "attn_v").T).reshape(t, nkv, hd)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k_cache[i, p0:p0 + t] = k
-            self.v_cache[i, p0:p0 + t] = v
-            kk = self.k_cache[i, :p0 + t].transpose(1, 0, 2)                  # (kvH, S, D)
-            vv = self.v_cache[i, :p0 + t].transpose(1, 0, 2)
-            qg = q.reshape(t, nkv, rep, hd).transpose(1, 2, 0, 3)             # (kvH, rep, T, D)
-            s = np.matmul(qg, kk[:, None].swapaxes(-1, -2)) * scale           # (kvH, rep, T, S)
-            s = np.where(causal, s, -np.inf)
-            s = s - s.max(axis=-1, keepdims=True)
-            p = np.exp(s)
-            p /= p.sum(axis=-1, keepdims=True)
-            a = np.matmul(p, vv[:, None])                                      # (kvH, rep, T, D)
-            a = a.transpose(2, 0, 1, 3).reshape(t, nh * hd)
-            self._obs(f"blk.{i}.attn_output", a)
-            x = x + a @ m.layer(i, "attn_output").T
-            h = rms_norm(x, m.layer(i, "ffn_norm"), c.rms_eps)
-            self._obs(f"blk.{i}.ffn_in", h)
-            g = silu(h @ m.layer(i, "ffn_gate").T) * (h @ m.layer(i, "ffn_up").T)
-            self._obs(f"blk.{i}.ffn_down", g)
-            x = x + g @ m.layer(i, "ffn_down").T
+        for i in range(first_layer, c.n_layers):
+            if trace is not None:
+                trace.append(x)
+            x = self._layer(i, x, p0, cos, sin, causal)
         h = rms_norm(x, m.tensors["output_norm.weight"], c.rms_eps)
         self._obs("output", h)
         self.pos += t
         return h @ m.lm_head.T
+
+    def _layer(self, i, x, p0, cos, sin, causal):
+        c, m = self.cfg, self.m
+        t = x.shape[0]
+        hd, nh, nkv = c.head_dim, c.n_heads, c.n_kv_heads
+        rep = nh // nkv
+        h = rms_norm(x, m.layer(i, "attn_norm"), c.rms_eps)
+        self._obs(f"blk.{i}.attn_in", h)
+        q = (h @ m.layer(i, "attn_q").T).reshape(t, nh, hd)
+        k = (h @ m.layer(i, "attn_k").T).reshape(t, nkv, hd)
+        v = (h @ m.layer(i, "attn_v").T).reshape(t, nkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.k_cache[i, p0:p0 + t] = k
+        self.v_cache[i, p0:p0 + t] = v
+        kk = self.k_cache[i, :p0 + t].transpose(1, 0, 2)                      # (kvH, S, D)
+        vv = self.v_cache[i, :p0 + t].transpose(1, 0, 2)
+        qg = q.reshape(t, nkv, rep, hd).transpose(1, 2, 0, 3)                 # (kvH, rep, T, D)
+        s = np.matmul(qg, kk[:, None].swapaxes(-1, -2)) * np.float32(1.0 / math.sqrt(hd))
+        s = np.where(causal, s, -np.inf)
+        s = s - s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        a = np.matmul(p, vv[:, None])                                          # (kvH, rep, T, D)
+        a = a.transpose(2, 0, 1, 3).reshape(t, nh * hd)
+        self._obs(f"blk.{i}.attn_output", a)
+        x = x + a @ m.layer(i, "attn_output").T
+        h = rms_norm(x, m.layer(i, "ffn_norm"), c.rms_eps)
+        self._obs(f"blk.{i}.ffn_in", h)
+        g = silu(h @ m.layer(i, "ffn_gate").T) * (h @ m.layer(i, "ffn_up").T)
+        self._obs(f"blk.{i}.ffn_down", g)
+        return x + g @ m.layer(i, "ffn_down").T
 
     def generate(self, prompt_ids, max_new_tokens: int, stop_ids=()) -> list:
         """Greedy continuation of ``prompt_ids`` (fresh cache)."""

@@ -11,7 +11,8 @@ from flightllm.cli import main as cli
 from flightllm.compiler.artifact import Artifact, ArtifactError
 from flightllm.compiler.compile import compile_model
 from flightllm.compiler.compress import (PRESETS, Recipe, allocate_mixed, bytes_per_param,
-                                         compress_tensor, get_recipe, measure_candidates, nm_mask)
+                                         compress_tensor, get_recipe, measure_candidates,
+                                         measure_sensitivity, nm_mask)
 from flightllm.compiler.gguf_import import load_gguf
 from flightllm.hw.formats import WeightFormat
 from flightllm.hw.params import get_preset
@@ -59,6 +60,18 @@ def test_allocation_meets_budget_and_prefers_sensitive_tensors(tiny_gguf):
         assert bytes_per_param(model, comp) <= bpp
     with pytest.raises(ValueError, match="below the smallest candidates"):
         allocate_mixed(model, Recipe("x", budget_bpp=0.1), trials)
+
+
+def test_sensitivity_scales_allocation(tiny_gguf):
+    model = load_gguf(tiny_gguf)
+    trials = measure_candidates(model, ("int8", "int4", "int3"), None)
+    sens = measure_sensitivity(model, trials, np.arange(40, 72))
+    assert set(sens) == set(n for n, _ in trials) and all(v >= 0 for v in sens.values())
+    # a matrix made 1000x more sensitive gets the widest format first
+    sens2 = dict(sens, **{"blk.1.ffn_down.weight": 1000 * max(sens.values())})
+    comp = allocate_mixed(model, Recipe("x", budget_bpp=0.5), trials, sens2)
+    assert comp["blk.1.ffn_down.weight"].fmt.name == "int8"
+    assert bytes_per_param(model, comp) <= 0.5
 
 
 def test_unknown_preset():
