@@ -80,6 +80,10 @@ class HwParams:
         Elements the special-function unit handles per cycle.
     max_seq_len : int
         Longest sequence the instruction programs and KV cache are sized for.
+    mm_tokens : int
+        Most activation vectors (tokens) one MM operation of the matrix engine takes:
+        each weight beat is held for that many cycles, and every chain keeps that many
+        partial sums and accumulators (SRL delay lines).
     """
 
     name: str
@@ -102,6 +106,7 @@ class HwParams:
     kv_tile: int = 64
     sfu_lanes: int = 16
     max_seq_len: int = 2048
+    mm_tokens: int = 16
 
     def __post_init__(self):
         def need(cond, what):
@@ -110,7 +115,7 @@ class HwParams:
 
         for f in ("chains", "chain_len", "dsp_group", "group_size", "weight_channels",
                   "kv_channels", "hbm_port_bits", "act_buf_depth", "kv_tile",
-                  "sfu_lanes", "max_seq_len"):
+                  "sfu_lanes", "max_seq_len", "mm_tokens"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
                  f"{f} must be a positive int, not {getattr(self, f)!r}")
         need(self.chain_len % self.dsp_group == 0,

