@@ -81,6 +81,24 @@ def _cmd_perplexity(args) -> int:
         raise ValueError(f"{text_path}: no such text file")
     text = text_path.read_text(encoding="utf-8", errors="strict")
     bar = pbar(not args.quiet)
+    if args.backend != "float" and (args.artifact or args.preset != "float"):
+        # [issue 3] bit-exact path: the artifact's programs on a device (golden model)
+        from .runtime.cli import resolve_artifact
+        from .runtime.driver import Driver
+
+        drv = Driver(resolve_artifact(args.artifact, args.preset, args.hw or "u280", args.quiet, args.model),
+                     args.backend)
+        ids = np.asarray(drv.tok.encode(text), dtype=np.int64)
+        nll, n = drv.nll_windows(ids, args.context, bar and (lambda it: bar(it, desc="perplexity")))
+        if n == 0:
+            raise ValueError("text too short: need at least 2 tokens")
+        import math
+        res = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "preset": drv.artifact.preset,
+               "context": args.context, "text": str(text_path), "path": f"{args.backend} device, bit-exact"}
+        print(json.dumps(res) if args.json else
+              f"perplexity {res['ppl']:.4f} over {n} tokens (preset {res['preset']}, context {args.context}, "
+              f"{args.backend})")
+        return 0
     if args.artifact:
         from .compiler.artifact import Artifact
 
@@ -144,10 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     q.add_argument("--json", action="store_true", help="print JSON with ppl, tokens, ...")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # [issue 3] compressed presets and artifacts run bit-exact on a device backend
+    q.add_argument("--backend", default="golden",
+                   help="golden (default: the artifact's programs, bit-exact) or float (dequantized float forward)")
+    q.add_argument("--hw", default=None, help="hardware preset when compiling for --preset (default u280)")
     q.set_defaults(func=_cmd_perplexity)
 
     import importlib.util
 
+    from .runtime.cli import add_cli as add_runtime_cli   # [issue 3] generate, chat, disasm
+
+    add_runtime_cli(sub)
     if importlib.util.find_spec("flightllm.hw.build") is not None:   # the RTL generator
         from .hw.build import add_cli
 

@@ -29,6 +29,18 @@ CALIB = "the quick brown fox jumps over the lazy dog. " * 20
 F32 = np.float32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    import os
+    old = os.environ.get("FLIGHTLLM_CACHE")
+    os.environ["FLIGHTLLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["FLIGHTLLM_CACHE"]
+    else:
+        os.environ["FLIGHTLLM_CACHE"] = old
+
+
 @pytest.fixture(scope="module")
 def tiny_art(tmp_path_factory):
     d = tmp_path_factory.mktemp("golden")
@@ -69,6 +81,11 @@ def test_mv_mm_match_arith_reference(fmt, op, rows):
     acc = mpe_scale_accumulate(mpe_psums(q, x, p.group_size), s)                      # (rows, n)
     want = acc.astype(np.float64).astype(F32) * np.ldexp(xs, -sh).astype(F32)
     np.testing.assert_array_equal(g.bufs[Buf.Y.value], want)
+    from flightllm.runtime.arith import mpe_matmul, prepare_weights
+    from flightllm.runtime.golden import mpe_matmul_fast
+    wg = prepare_weights(q, p.group_size)
+    assert np.array_equal(mpe_matmul_fast(wg, s, x), mpe_matmul(wg, s, x))
+    assert np.array_equal(mpe_matmul_fast(wg, s, x[0]), mpe_matmul(wg, s, x[0]))
     assert st.cycles >= math.ceil(pt.channel_bytes * p.weight_channels / p.hbm_weight_bytes_per_cycle)
 
 
@@ -202,9 +219,9 @@ def test_manifest_preview_matches_written_manifest(tiny_art):
 
 
 def test_unrolled_counts_match_unroll():
-    cfg = load_gguf.__globals__["ModelConfig"](name="t", n_layers=2, hidden=128, ffn=256, n_heads=4,
-                                               n_kv_heads=2, vocab=128, context_length=128,
-                                               rope_theta=1e4, rms_eps=1e-5, tied_embeddings=True)
+    from flightllm.compiler.gguf_import import ModelConfig
+    cfg = ModelConfig(name="t", n_layers=2, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
+                      context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
     m = shape_manifest(cfg, get_preset("sim"), "int8")
     progs = build_programs(m)
     lengths = [1, 2, 15, 16, 17, 40, 128]

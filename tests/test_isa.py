@@ -112,3 +112,10 @@ def test_disasm_and_doc_table():
     for fmt in set(FORMATS.values()):
         assert fmt.__name__ in md
     assert "| [0:6) | `opcode` |" in md
+
+
+def test_docs_isa_md_is_generated_from_the_layouts():
+    from pathlib import Path
+    doc = Path(__file__).resolve().parent.parent / "docs" / "isa.md"
+    assert doc.read_text() == isa.DOC_INTRO + isa.markdown_table(), \
+        "docs/isa.md is stale: run python -m flightllm.hw.isa docs/isa.md"

@@ -1,0 +1,629 @@
+"""The instruction set: opcodes, instruction formats and their binary encoding.
+
+One definition for everyone: the RTL decoder uses the :mod:`amaranth.lib.data`
+layouts below directly (``Signal(FORMATS[Opcode.MV])`` views a fetched word), the
+compiler encodes with them and the golden model decodes with them. ``docs/isa.md``
+is generated from these layouts (:func:`markdown_table`).
+
+Word
+----
+Every instruction is one ``WORD_BITS`` (128) bit word, stored little-endian
+(16 bytes) in the instruction image. Every format begins with the same
+:class:`Header` in bits ``[0, 14)``: the opcode in the low 6 bits, then the
+dependency-token masks. A program image is the words back to back; it ends with
+``END``.
+
+Units and dependency tokens
+---------------------------
+Each opcode executes on one unit (:data:`UNIT_OF`): ``LD`` (HBM -> on-chip
+buffers: KV tiles, embedding rows), ``ST`` (on-chip -> HBM: KV cache rows,
+logits), ``MPE`` (matrix engine: MV, MM, QK) and ``SFU`` (special functions);
+``SYS`` instructions (loops, register arithmetic, END) run in the dispatcher.
+The dispatcher issues instructions in program order into one in-order queue per
+unit. Between every ordered pair of units (P, U) there is a token FIFO. An
+instruction of unit U with bit P set in ``wait`` pops one token from FIFO (P->U)
+before it starts (it blocks until one is there); with bit C set in ``signal`` it
+pushes one token into FIFO (U->C) when it completes. A token must be signalled by
+an instruction earlier in program order than the one that waits for it; a wait
+that no earlier instruction can satisfy is a deadlock (the golden model raises).
+
+``LOOP`` and the back edge of every loop iteration, and ``END``, are *barriers*:
+the dispatcher waits until every unit is idle, and every token FIFO must then be
+empty (the compiler balances tokens inside each straight-line region).
+
+Registers and runtime-patched fields
+------------------------------------
+16 registers of 32 bits (:class:`Reg`). ``ZERO`` reads 0. ``POS`` (position of
+the first token of this run) and ``LEN`` (tokens in this run) are written by the
+host through the AXI-Lite control registers before ``start``; ``ARGMAX`` is
+written by the ``ARGMAX`` instruction and read back by the host. The others are
+scratch registers of the program (``SETR``) and loop indices (``LOOP``).
+Fields named ``*_reg`` read a register at issue time: ``rows_reg`` gives the
+number of token rows an operation covers, ``pos_reg`` a sequence position, and
+the patch pair ``(preg, pmul)`` adds ``R[preg] * pmul`` to the operation's base
+address / element offset. Thus one program serves every position and length.
+
+Loops
+-----
+``LOOP idx, count_reg, add, shr, body``: ``count = max(0, R[count_reg] + add) >> shr``;
+the ``body`` instructions that follow run ``count`` times with ``R[idx]`` = 0, 1,
+... (zero trips skip the body). Loops nest (the RTL keeps a stack of
+``LOOP_DEPTH``).
+"""
+
+
+
+import struct
+from dataclasses import dataclass, field
+
+from amaranth import signed, unsigned
+from amaranth.lib import data, enum
+
+__all__ = ["WORD_BITS", "WORD_BYTES", "LOOP_DEPTH", "Opcode", "Unit", "Reg", "Buf", "Space",
+           "Header", "FORMATS", "UNIT_OF", "Instr", "IsaError", "encode", "decode",
+           "encode_program", "decode_program", "encode_slow", "decode_slow", "disasm",
+           "markdown_table", "f32_bits", "bits_f32", "FLOAT_FIELDS", "NO_LIMIT"]
+
+WORD_BITS = 128
+WORD_BYTES = WORD_BITS // 8
+LOOP_DEPTH = 4
+NO_LIMIT = 0xFFFFFFFF
+
+
+class IsaError(ValueError):
+    """An instruction or program image that cannot be decoded or encoded."""
+
+
+class Opcode(enum.Enum, shape=6):
+    NOP = 0
+    END = 1
+    LOOP = 2        #: hardware loop, trip count from a register
+    SETR = 3        #: register arithmetic: R[rd] = min(R[rb] + R[ra]*mul + add, lim)
+    LD_KV = 8       #: HBM -> on-chip buffer: rows of int8 values + float32 scales
+    EMBED = 9       #: gather embedding rows by token id from the weight channels, dequantize
+    ST_KV = 12      #: on-chip int8 rows + scales -> HBM
+    ST_OUT = 13     #: on-chip float32 rows (logits) -> HBM output region
+    MV = 16         #: matrix engine, one activation vector (decode)
+    MM = 17         #: matrix engine, rows_reg activation vectors (prefill)
+    QK = 18         #: attention scores: int8 q (per head) . int8 K tile
+    RMSNORM = 24
+    ROPE = 25
+    SOFTMAX = 26
+    SILU_MUL = 27
+    ADD = 28
+    QUANT = 29      #: requantize float32 -> int8 with one scale per segment
+    DEQUANT = 30
+    PV = 31         #: attention output: sum_p P[p] * dequant(V[p]), in position order
+    ARGMAX = 32
+    FILL = 33       #: set a float32 buffer to a constant
+
+
+class Unit(enum.Enum, shape=3):
+    LD = 0
+    ST = 1
+    MPE = 2
+    SFU = 3
+    SYS = 4
+
+
+TOKEN_UNITS = (Unit.LD, Unit.ST, Unit.MPE, Unit.SFU)   #: bit i of wait/signal is unit i
+
+
+class Reg(enum.Enum, shape=4):
+    ZERO = 0
+    POS = 1        #: host: position of the first token of this run
+    LEN = 2        #: host: tokens in this run
+    ARGMAX = 3     #: device -> host: argmax of the last logits row
+    CPOS = 4       #: program: first position of the current chunk
+    CLEN = 5       #: program: tokens in the current chunk
+    KVLEN = 6      #: program: positions attended to by the chunk's last token
+    CHUNK = 7      #: program: chunk loop index
+    TILE = 8       #: program: KV tile loop index
+    OUTROW = 9     #: program: first logits row of the chunk
+    R10 = 10
+    R11 = 11
+    R12 = 12
+    R13 = 13
+    R14 = 14
+    R15 = 15
+
+
+class Buf(enum.Enum, shape=5):
+    """On-chip buffers. Float32 buffers hold rows x elements; int8 buffers also hold
+    one float32 scale per segment of each row."""
+    X = 0          #: residual stream (float32, rows x hidden)
+    H = 1          #: normalised activations (float32)
+    HQ = 2         #: int8 input of the next MV/MM (rows x up to ffn, + scale)
+    Q = 3          #: float32 query
+    K = 4          #: float32 key (new positions)
+    V = 5          #: float32 value (new positions)
+    QQ = 6         #: int8 query, one scale per head
+    KQ = 7         #: int8 key rows to store, one scale per kv head
+    VQ = 8         #: int8 value rows to store
+    KT = 9         #: int8 KV tile loaded from HBM (kv_tile rows)
+    S = 10         #: float32 attention scores / probabilities (rows x heads x max_seq)
+    A = 11         #: float32 attention output (rows x hidden)
+    G = 12         #: float32 gate projection (rows x ffn)
+    U = 13         #: float32 up projection
+    Y = 14         #: float32 matrix-engine output before a residual add
+    LOG = 15       #: float32 logits (rows x vocab)
+
+
+class Space(enum.Enum, shape=2):
+    """HBM address spaces of LD/ST."""
+    KV = 0         #: KV cache (int8 values + float32 scales per row)
+    OUT = 1        #: output region (logits)
+
+
+class Header(data.Struct):
+    opcode: Opcode
+    wait: unsigned(4)       #: bit u: pop a token from unit u before starting
+    signal: unsigned(4)     #: bit u: push a token to unit u on completion
+
+
+class SysFmt(data.Struct):
+    """LOOP / SETR / END / NOP."""
+    hdr: Header
+    rd: Reg                 #: SETR destination, LOOP index register
+    ra: Reg                 #: SETR multiplicand register, LOOP count register
+    rb: Reg                 #: SETR addend register
+    mul: signed(16)         #: SETR: R[ra] multiplier
+    add: signed(32)         #: SETR addend; LOOP count addend
+    lim: unsigned(32)       #: SETR: result = min(.., lim) (unsigned compare)
+    shr: unsigned(5)        #: LOOP: count = max(0, R[ra] + add) >> shr
+    body: unsigned(16)      #: LOOP: instructions in the body
+
+
+class WeightFmt(data.Struct):
+    """MV / MM (matrix engine) and EMBED (row gather): a packed weight tensor."""
+    hdr: Header
+    src: Buf                #: MV/MM: int8 input buffer
+    dst: Buf                #: float32 output buffer
+    rows_reg: Reg           #: MM/EMBED: rows = R[rows_reg]; MV: 1 row
+    pos_reg: Reg            #: EMBED: token ids from the token buffer at R[pos_reg] + row
+    bits: unsigned(4)       #: weight bit width
+    n_keep: unsigned(5)     #: N of N:M (equal to m when dense)
+    m: unsigned(5)          #: M of N:M
+    shift: unsigned(6)      #: tensor scale shift: weight = q * scale * 2**-shift
+    n_out: unsigned(20)     #: output rows N of the tensor
+    k_in: unsigned(18)      #: input columns K of the tensor
+    w_off: unsigned(32)     #: byte offset of the tensor in every weight channel
+
+
+class MemFmt(data.Struct):
+    """LD_KV / ST_KV / ST_OUT: rows between an on-chip buffer and HBM."""
+    hdr: Header
+    buf: Buf
+    space: Space
+    rows_reg: Reg           #: rows = R[rows_reg] if not ZERO, else ``rows``
+    rows: unsigned(16)
+    row_bytes: unsigned(20) #: bytes per row in HBM
+    preg: Reg               #: address = addr + R[preg] * pmul
+    pmul: unsigned(24)
+    addr: unsigned(36)      #: byte address in the space
+
+
+class AttnFmt(data.Struct):
+    """QK (MPE) and PV (SFU): one KV tile against the chunk's heads."""
+    hdr: Header
+    src: Buf                #: QK: int8 queries; PV: float32 probabilities
+    kv: Buf                 #: int8 KV tile
+    dst: Buf                #: QK: scores; PV: float32 accumulator (+=)
+    rows_reg: Reg
+    heads: unsigned(8)
+    kv_heads: unsigned(8)
+    head_dim: unsigned(10)
+    tile: unsigned(11)      #: positions in the tile
+    preg: Reg               #: first position of the tile = R[preg] * pmul
+    pmul: unsigned(12)
+    len_reg: Reg            #: PV: row t uses positions < R[len_reg] + len_add + t
+    len_add: signed(6)
+    scale: unsigned(32)     #: QK: float32 bits of the score scale 1/sqrt(head_dim)
+
+
+class SfuFmt(data.Struct):
+    """Element-wise and reduction SFU operations."""
+    hdr: Header
+    src: Buf
+    src2: Buf               #: ADD/SILU_MUL second operand
+    dst: Buf
+    rows_reg: Reg           #: rows = R[rows_reg]
+    n: unsigned(17)         #: elements per row (SOFTMAX: heads; ARGMAX: vocab)
+    seg: unsigned(10)       #: QUANT segment (0: whole row), ROPE/SOFTMAX head_dim
+    aux_reg: Reg            #: ROPE: position register; SOFTMAX: length register
+    aux: signed(8)          #: SOFTMAX: length addend (row t: R[aux_reg] + aux + t)
+    table: unsigned(24)     #: float32 element offset into the SFU tables
+    imm: unsigned(32)       #: float32 bits: RMSNORM eps, FILL value; SOFTMAX: stride
+
+
+FORMATS = {}
+UNIT_OF = {}
+for _op, _fmt, _unit in [
+        (Opcode.NOP, SysFmt, Unit.SYS), (Opcode.END, SysFmt, Unit.SYS),
+        (Opcode.LOOP, SysFmt, Unit.SYS), (Opcode.SETR, SysFmt, Unit.SYS),
+        (Opcode.LD_KV, MemFmt, Unit.LD), (Opcode.EMBED, WeightFmt, Unit.LD),
+        (Opcode.ST_KV, MemFmt, Unit.ST), (Opcode.ST_OUT, MemFmt, Unit.ST),
+        (Opcode.MV, WeightFmt, Unit.MPE), (Opcode.MM, WeightFmt, Unit.MPE),
+        (Opcode.QK, AttnFmt, Unit.MPE),
+        (Opcode.RMSNORM, SfuFmt, Unit.SFU), (Opcode.ROPE, SfuFmt, Unit.SFU),
+        (Opcode.SOFTMAX, SfuFmt, Unit.SFU), (Opcode.SILU_MUL, SfuFmt, Unit.SFU),
+        (Opcode.ADD, SfuFmt, Unit.SFU), (Opcode.QUANT, SfuFmt, Unit.SFU),
+        (Opcode.DEQUANT, SfuFmt, Unit.SFU), (Opcode.PV, AttnFmt, Unit.SFU),
+        (Opcode.ARGMAX, SfuFmt, Unit.SFU), (Opcode.FILL, SfuFmt, Unit.SFU)]:
+    FORMATS[_op] = _fmt
+    UNIT_OF[_op] = _unit
+assert set(FORMATS) == set(Opcode)
+
+#: fields holding IEEE float32 bits; :class:`Instr` takes and shows them as floats
+FLOAT_FIELDS = {AttnFmt: ("scale",), SfuFmt: ("imm",)}
+_FLOAT_OPS = {(Opcode.QK, "scale"), (Opcode.RMSNORM, "imm"), (Opcode.FILL, "imm")}
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def bits_f32(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+# Flattened field tables: name -> (offset, width, shape) for every format; the
+# header fields are flattened to their own names (opcode, wait, signal).
+def _flatten(layout, base=0, prefix=""):
+    out = {}
+    for name, fld in data.Layout.cast(layout):
+        if isinstance(fld.shape, type) and issubclass(fld.shape, data.Struct):
+            out.update(_flatten(fld.shape, base + fld.offset, ""))
+        else:
+            out[prefix + name] = (base + fld.offset, fld.width, fld.shape)
+    return out
+
+
+_FIELDS = {fmt: _flatten(fmt) for fmt in set(FORMATS.values())}
+for _fmt, _fl in _FIELDS.items():
+    _size = data.Layout.cast(_fmt).size
+    assert _size <= WORD_BITS, f"{_fmt.__name__} is {_size} bits"
+    assert _fl["opcode"][:2] == (0, 6), _fmt
+
+
+def _shape_range(shape):
+    if isinstance(shape, type) and issubclass(shape, enum.Enum):
+        return None
+    s = shape if hasattr(shape, "signed") else unsigned(shape)
+    if s.signed:
+        return -(1 << (s.width - 1)), (1 << (s.width - 1)) - 1
+    return 0, (1 << s.width) - 1
+
+
+@dataclass
+class Instr:
+    """One instruction: its opcode and named fields (unset fields are 0).
+
+    Enum-typed fields take the enum member or its int; float fields (QK ``scale``,
+    RMSNORM/FILL ``imm``) take a Python float. ``wait``/``signal`` take unit masks.
+    """
+    op: Opcode
+    f: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        if name in ("op", "f"):
+            raise AttributeError(name)
+        fl = _FIELDS[FORMATS[self.op]]
+        if name not in fl:
+            raise AttributeError(f"{self.op.name} has no field {name!r}")
+        v = self.f.get(name, 0)
+        shape = fl[name][2]
+        if isinstance(shape, type) and issubclass(shape, enum.Enum) and not isinstance(v, shape):
+            return shape(v)
+        return v
+
+    @property
+    def unit(self) -> Unit:
+        return UNIT_OF[self.op]
+
+    def with_(self, **kw) -> "Instr":
+        return Instr(self.op, {**self.f, **kw})
+
+
+def _field_int(op, name, v, shape):
+    if isinstance(v, enum.Enum):
+        v = v.value
+    if (op, name) in _FLOAT_OPS and isinstance(v, float):
+        v = f32_bits(v)
+    if isinstance(v, bool):
+        v = int(v)
+    if not isinstance(v, int):
+        raise IsaError(f"{op.name}: field {name} must be an int, not {v!r}")
+    rng = _shape_range(shape)
+    if rng is None:
+        try:
+            shape(v)
+        except ValueError:
+            raise IsaError(f"{op.name}: field {name}: {v} is not a valid {shape.__name__}") from None
+    elif not rng[0] <= v <= rng[1]:
+        raise IsaError(f"{op.name}: field {name} = {v} does not fit {rng[0]}..{rng[1]}")
+    return v
+
+
+def encode(ins: Instr) -> int:
+    """The instruction as an int (bit 0 = LSB of the word), using the layout's field offsets."""
+    op = Opcode(ins.op)
+    fl = _FIELDS[FORMATS[op]]
+    word = op.value
+    for name, v in ins.f.items():
+        if name == "opcode":
+            continue
+        if name not in fl:
+            raise IsaError(f"{op.name}: no field {name!r} in format {FORMATS[op].__name__}")
+        off, width, shape = fl[name]
+        word |= (_field_int(op, name, v, shape) & ((1 << width) - 1)) << off
+    return word
+
+
+def _nest(fmt, flat):
+    """Flat field dict -> nested dict for ``layout.const``."""
+    out = {"hdr": {}}
+    hdr_names = set(_flatten(Header))
+    for k, v in flat.items():
+        (out["hdr"] if k in hdr_names else out)[k] = v
+    return out
+
+
+def encode_slow(ins: Instr) -> int:
+    """The same encoding through ``layout.const(...).as_value()`` (the amaranth path)."""
+    op = Opcode(ins.op)
+    fmt = FORMATS[op]
+    fl = _FIELDS[fmt]
+    flat = {"opcode": op}
+    for k, v in ins.f.items():
+        if k not in fl:
+            raise IsaError(f"{op.name}: no field {k!r} in format {fmt.__name__}")
+        off, width, shape = fl[k]
+        iv = _field_int(op, k, v, shape)
+        flat[k] = shape(iv) if isinstance(shape, type) and issubclass(shape, enum.Enum) else iv
+    return fmt.const(_nest(fmt, flat)).as_value().value
+
+
+def _opcode_of(word: int, where: str) -> Opcode:
+    code = word & 0x3F
+    try:
+        return Opcode(code)
+    except ValueError:
+        raise IsaError(f"{where}: illegal opcode {code} (field opcode, bits [0:6))") from None
+
+
+def decode(word: int, where: str = "instruction") -> Instr:
+    """An int word -> :class:`Instr` (only nonzero fields are kept)."""
+    if not 0 <= word < 1 << WORD_BITS:
+        raise IsaError(f"{where}: not a {WORD_BITS}-bit word")
+    op = _opcode_of(word, where)
+    f = {}
+    for name, (off, width, shape) in _FIELDS[FORMATS[op]].items():
+        if name in ("opcode", "rsv"):
+            continue
+        v = (word >> off) & ((1 << width) - 1)
+        rng = _shape_range(shape)
+        if rng is None:
+            try:
+                v = shape(v)
+            except ValueError:
+                raise IsaError(f"{where}: {op.name}: field {name} = {v} is not a valid "
+                               f"{shape.__name__}") from None
+            if v.value:
+                f[name] = v
+            continue
+        if rng[0] < 0 and v >= 1 << (width - 1):
+            v -= 1 << width
+        if v:
+            f[name] = bits_f32(v) if (op, name) in _FLOAT_OPS else v
+    used = sum(w for n, (o, w, s) in _FIELDS[FORMATS[op]].items())
+    if word >> data.Layout.cast(FORMATS[op]).size:
+        raise IsaError(f"{where}: {op.name}: bits above {data.Layout.cast(FORMATS[op]).size} are set")
+    del used
+    return Instr(op, f)
+
+
+def decode_slow(word: int) -> Instr:
+    """Decode through ``data.Const`` (the amaranth path); same result as :func:`decode`."""
+    op = _opcode_of(word, "instruction")
+    fmt = FORMATS[op]
+    c = data.Const(data.Layout.cast(fmt), word)
+    f = {}
+    for name in _FIELDS[fmt]:
+        if name in ("opcode", "rsv"):
+            continue
+        v = getattr(c.hdr, name) if name in ("wait", "signal") else getattr(c, name)
+        iv = v.value if isinstance(v, enum.Enum) else int(v)
+        if iv:
+            f[name] = v if isinstance(v, enum.Enum) else (bits_f32(iv) if (op, name) in _FLOAT_OPS else iv)
+    return Instr(op, f)
+
+
+def encode_program(prog) -> bytes:
+    return b"".join(encode(i).to_bytes(WORD_BYTES, "little") for i in prog)
+
+
+def decode_program(image: bytes, where: str = "program") -> list:
+    if len(image) % WORD_BYTES:
+        raise IsaError(f"{where}: {len(image)} bytes is not a whole number of "
+                       f"{WORD_BYTES}-byte instructions (truncated?)")
+    prog = [decode(int.from_bytes(image[i:i + WORD_BYTES], "little"), f"{where}[{i // WORD_BYTES}]")
+            for i in range(0, len(image), WORD_BYTES)]
+    if not prog or prog[-1].op != Opcode.END:
+        raise IsaError(f"{where}: does not end with END (truncated?)")
+    return prog
+
+
+_BUF_FIELDS = {op: ("src", "dst") for op, f in FORMATS.items() if f is SfuFmt}
+_BUF_FIELDS.update({Opcode.ADD: ("src", "src2", "dst"), Opcode.SILU_MUL: ("src", "src2", "dst"),
+                    Opcode.MV: ("src", "dst"), Opcode.MM: ("src", "dst"), Opcode.EMBED: ("dst",),
+                    Opcode.QK: ("src", "kv", "dst"), Opcode.PV: ("src", "kv", "dst"),
+                    Opcode.LD_KV: ("buf",), Opcode.ST_KV: ("buf",), Opcode.ST_OUT: ("buf",)})
+
+
+def _units(mask):
+    return "|".join(u.name for u in TOKEN_UNITS if mask >> u.value & 1)
+
+
+def disasm(prog, start=0) -> str:
+    """Readable listing: index, unit, opcode, fields; loop bodies indented."""
+    lines, ends = [], []
+    for i, ins in enumerate(prog):
+        while ends and i >= ends[-1]:
+            ends.pop()
+        ind = "  " * len(ends)
+        parts = []
+        f = ins.f
+        rn = lambda key: Reg(f.get(key, 0)).name
+        if ins.op == Opcode.SETR:
+            expr = rn("rb")
+            if f.get("mul"):
+                expr += f" + {rn('ra')}*{f['mul']}"
+            if f.get("add"):
+                expr += f" + {f['add']}"
+            if f.get("lim", 0) != NO_LIMIT:
+                expr = f"min({expr}, {f.get('lim', 0)})"
+            parts.append(f"{rn('rd')} = {expr}")
+        elif ins.op == Opcode.LOOP:
+            cnt = rn("ra") + (f" + {f['add']}" if f.get("add") else "")
+            cnt = f"({cnt}) >> {f['shr']}" if f.get("shr") else cnt
+            parts.append(f"{rn('rd')} < {cnt}  body={f.get('body', 0)}")
+        shown = dict(ins.f)
+        for k in _BUF_FIELDS.get(ins.op, ()):
+            shown.setdefault(k, Buf(0))
+        for k, v in (() if ins.op in (Opcode.SETR, Opcode.LOOP) else shown.items()):
+            if k in ("wait", "signal"):
+                continue
+            if isinstance(v, enum.Enum):
+                v = v.name
+            elif isinstance(v, float):
+                v = f"{v:.6g}"
+            parts.append(f"{k}={v}")
+        tok = ""
+        if ins.f.get("wait"):
+            tok += f" wait={_units(ins.f['wait'])}"
+        if ins.f.get("signal"):
+            tok += f" signal={_units(ins.f['signal'])}"
+        lines.append(f"{start + i:6d}  {ins.unit.name:3s} {ind}{ins.op.name:9s} {' '.join(parts)}{tok}")
+        if ins.op == Opcode.LOOP:
+            ends.append(i + 1 + ins.f.get("body", 0))
+    return "\n".join(lines)
+
+
+DOC_INTRO = """# flightllm ISA
+
+Generated by `python -m flightllm.hw.isa docs/isa.md` from the `amaranth.lib.data`
+layouts in `hw/isa.py` (do not edit the tables by hand). The semantics of the
+units, tokens, registers and loops are in the module docstring of `hw/isa.py`;
+the programs built from these instructions are described in `compiler/schedule.py`;
+the exact arithmetic in `runtime/arith.py` (MPE) and `runtime/sfu.py` (SFU).
+
+## Word and header
+
+Every instruction is one 128-bit little-endian word. Bits [0:6) are the opcode in
+every format, [6:10) the `wait` mask and [10:14) the `signal` mask (bit 0 LD,
+1 ST, 2 MPE, 3 SFU). Units: LD (HBM -> buffers), ST (buffers -> HBM), MPE (matrix
+engine), SFU (special functions), SYS (dispatcher: LOOP, SETR, END, NOP).
+
+## Runtime registers (length adaptivity)
+
+| reg | written by | meaning |
+|---|---|---|
+| POS | host (AXI-Lite) | position of the first token of this run |
+| LEN | host (AXI-Lite) | tokens in this run (prefill) |
+| ARGMAX | ARGMAX instruction | argmax of the last logits row, read by the host |
+| CPOS, CLEN, KVLEN, OUTROW | SETR | chunk position, chunk length, attended positions, first logits row |
+| CHUNK, TILE | LOOP | loop indices |
+
+`LOOP idx, count_reg, add, shr, body` runs the next `body` instructions
+`max(0, R[count_reg] + add) >> shr` times: the KV-tile loops take their trip
+count from KVLEN (`(KVLEN + kv_tile - 1) >> log2 kv_tile`), the prefill chunk
+loop from LEN, so one decode program and one prefill program serve every
+position and prompt length. `SETR rd, rb, ra, mul, add, lim` computes
+`R[rd] = min(R[rb] + R[ra] * mul + add, lim)`. Address and row fields read
+registers at issue: `rows_reg`, `pos_reg`, `aux_reg`, `len_reg`, and the
+patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
+
+## Numerics decisions (the golden model implements them bit for bit)
+
+* **MPE**: INT8 activations in [-127, 127] x INT8-widened weights, int32 per quant
+  group, x uint16 group scale, wrapping int48 accumulator (`runtime/arith.py`).
+  MPE result to float: `float32(acc) * float32(ldexp(x_scale, -shift))`.
+* **Requantize** (QUANT) per row or per head segment: `absmax` in float32,
+  `scale = absmax / 127`, `q = clip(rint(x * (127 / absmax)), -127, 127)`
+  (float32, ties to even); absmax 0 gives q = 0, scale 0.
+* **SFU** is IEEE binary32 without FMA; every reduction uses `sfu_lanes` lane
+  accumulators (lane j adds elements j, j+L, ... in order, from +0.0) and a fixed
+  pairwise tree over the lanes. `exp` is range reduction `k = rint(x log2 e)`,
+  Cody-Waite `f = (x - k ln2_hi) - k ln2_lo`, a degree-7 Taylor polynomial by
+  Horner in float32, `ldexp(p, k)`, flush below 2^-126 (max error ~1.5 ulp on
+  [-87, 88]); SiLU is `g / (1 + exp(-g))`, rsqrt is `1 / sqrt`.
+* **RoPE** on adjacent pairs (2i, 2i+1) with cos/sin tables computed by the compiler
+  in float64 and stored as float32 (`tables.bin`, table `rope`).
+* **KV cache**: INT8 in HBM with one float32 scale per (position, kv head), written
+  by QUANT (per head) + ST_KV. Scores: int8 q (per-head scale) . int8 K, exact
+  int32, then `((float32(acc) * q_scale) * k_scale) * float32(1/sqrt(head_dim))`;
+  softmax in the float32 SFU; P.V in the SFU in float32 with V dequantized
+  (`v_int8 * v_scale`) and summed in position order.
+* **Embedding**: the tied `token_embd.weight` row gathered from the weight channels by
+  token id (token buffer at the position) and dequantized exactly
+  (`float32(q) * float32(ldexp(scale, -shift))`, 8 x 16 significant bits); the LM
+  head is an MV over the same tensor.
+
+Why these: the integer MPE path and correctly rounded float32 SFU operations are
+what an RTL implementation computes natively (DSP48E2 chains; Xilinx floating-point
+operators), and fixing the summation order makes the float part reproducible
+without any tolerance. What they cost is measured as perplexity against the float
+reference (`bench/golden_quality.py`, `flightllm perplexity`).
+
+Known performance consequence (see `docs/speed.md`): P.V on the SFU costs
+`heads * head_dim * positions / sfu_lanes` cycles per layer and dominates decode at
+long contexts on the u280 preset. Moving it to the MPE (P requantized to INT8 per
+head, exact int32 products against INT8 V, one scale multiply per head) would keep
+the model exact and implementable and cut that term by `macs / sfu_lanes` (128x);
+it changes the numerics, so it is left for a measured follow-up.
+
+## Formats
+
+"""
+
+
+def write_doc(path) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(DOC_INTRO + markdown_table())
+
+
+
+def markdown_table() -> str:
+    """The field table of every format, generated from the layouts (docs/isa.md)."""
+    out = []
+    for fmt in (SysFmt, WeightFmt, MemFmt, AttnFmt, SfuFmt):
+        ops = ", ".join(o.name for o, f in FORMATS.items() if f is fmt)
+        size = data.Layout.cast(fmt).size
+        out.append(f"### {fmt.__name__} ({size} of {WORD_BITS} bits): {ops}\n")
+        if fmt.__doc__:
+            out.append(fmt.__doc__.strip().splitlines()[0] + "\n")
+        out.append("| bits | field | shape |\n|---|---|---|")
+        for name, (off, width, shape) in sorted(_FIELDS[fmt].items(), key=lambda kv: kv[1][0]):
+            if isinstance(shape, type) and issubclass(shape, enum.Enum):
+                sh = f"enum {shape.__name__} ({width} bits)"
+            else:
+                s = shape if hasattr(shape, "signed") else unsigned(shape)
+                sh = f"{'signed' if s.signed else 'unsigned'}({s.width})"
+            if (FORMATS_FLOAT := FLOAT_FIELDS.get(fmt)) and name in FORMATS_FLOAT:
+                sh += ", float32 bits"
+            out.append(f"| [{off}:{off + width}) | `{name}` | {sh} |")
+        out.append("")
+    out.append("### Enumerations\n")
+    for e in (Opcode, Unit, Reg, Buf, Space):
+        out.append(f"- **{e.__name__}** ({enum.Shape.cast(e).width} bits): " +
+                   ", ".join(f"{m.name}={m.value}" + (f" ({UNIT_OF[m].name})" if e is Opcode else "")
+                             for m in e))
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_doc(sys.argv[1] if len(sys.argv) > 1 else "docs/isa.md")

@@ -1,0 +1,211 @@
+"""`flightllm generate`, `flightllm chat` and `flightllm disasm` (hooked by :func:`add_cli`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_cli", "resolve_artifact", "cache_dir"]
+
+# What a cached artifact must agree with to be usable: the instruction encoding, the
+# scheduler's programs and memory plan, the packed format and the artifact layout.
+# (A compressor change does not invalidate a cached artifact: it is self-consistent;
+# delete the cache or pass --artifact to pick up a new compressor.)
+# The ISA enters through its generated field table (the encoding), not its source text.
+_SOURCES = ("hw/formats.py", "compiler/schedule.py", "compiler/artifact.py")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLIGHTLLM_CACHE", Path.home() / ".cache" / "flightllm"))
+
+
+def _code_hash() -> str:
+    root = Path(__file__).resolve().parent.parent
+    from ..hw.isa import markdown_table
+
+    h = hashlib.sha256(markdown_table().encode())
+    for rel in _SOURCES:
+        f = root / rel
+        h.update(f.read_bytes() if f.is_file() else rel.encode())
+    return h.hexdigest()[:12]
+
+
+def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = False, model=None) -> Path:
+    """The artifact directory to use: the given one, or ``model`` (default SmolLM2)
+    compiled with ``preset`` for hardware ``hw`` into the cache (once per code version)."""
+    if artifact:
+        return Path(artifact)
+    from ..compiler.artifact import Artifact, ArtifactError
+    from ..compiler.compile import compile_model
+    from ..hw.params import get_preset
+
+    params = get_preset(hw)
+    tag = "smollm2" if model is None else Path(model).stem + "-" + hashlib.sha256(
+        str(Path(model).resolve()).encode()).hexdigest()[:8]
+    out = cache_dir() / f"{tag}-{preset}-{hw}-{_code_hash()}"
+    if out.is_dir():
+        try:
+            a = Artifact(out, verify=False)
+            if a.manifest.get("programs"):
+                return out
+        except ArtifactError:
+            pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"compiling {tag} with preset {preset} for {hw} into {out} (once) ...", file=sys.stderr)
+    compile_model(model, out, preset, params, progress=not quiet)
+    return out
+
+
+def _driver(args):
+    from ..hw.params import get_preset
+    from .driver import Driver
+
+    path = resolve_artifact(args.artifact, args.preset, args.hw, args.quiet)
+    params = get_preset(args.hw) if args.artifact is None or args.hw_given else None
+    return Driver(path, args.backend, params)
+
+
+def _sampler(args):
+    from .driver import Sampler
+
+    return Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+
+
+def _stream(drv, ids, args, out=None, reuse=False):
+    from ..compiler.tokenizer import StreamDecoder
+
+    out = out or sys.stdout
+    dec = StreamDecoder(drv.tok, skip_special=True)
+    got = []
+    t0 = time.perf_counter()
+    for tid in drv.generate(ids, args.max_new_tokens, _sampler(args), reuse_cache=reuse):
+        got.append(tid)
+        out.write(dec.push(tid))
+        out.flush()
+    out.write(dec.flush())
+    dt = time.perf_counter() - t0
+    return got, dt
+
+
+def _cmd_generate(args) -> int:
+    drv = _driver(args)
+    ids = drv.tok.encode(args.prompt)
+    drv.check_room(len(ids), args.max_new_tokens)
+    if args.echo:
+        sys.stdout.write(args.prompt)
+    got, dt = _stream(drv, ids, args)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        dec = [s for s in drv.stats if s[0] == "decode"]
+        cyc = sum(s[2].cycles for s in dec)
+        est = (f", modelled {len(dec) * drv.dev.params.clock_mhz * 1e6 / cyc:.1f} tok/s on {drv.dev.params.name}"
+               if cyc else "")
+        print(f"[{len(ids)} prompt + {len(got)} generated tokens in {dt:.2f} s on {args.backend}{est}]",
+              file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    drv = _driver(args)
+    tty = sys.stdin.isatty()
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    if tty:
+        print("chat with the model; /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            drv.reset()
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = drv.tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = drv.tok.encode(prompt, add_bos=False, parse_special=True)
+        try:
+            drv.check_room(len(ids), args.max_new_tokens)
+        except ValueError as e:
+            print(f"flightllm chat: {e}; /reset to start over", file=sys.stderr)
+            messages.pop()
+            continue
+        got, _ = _stream(drv, ids, args, reuse=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": drv.tok.decode(got, skip_special=True)})
+    return 0
+
+
+def _cmd_disasm(args) -> int:
+    from ..compiler.artifact import Artifact
+    from ..hw.isa import WORD_BYTES, disasm
+    from .device import artifact_programs
+
+    a = Artifact(args.artifact)
+    progs = artifact_programs(a)
+    names = [args.program] if args.program else list(progs)
+    try:
+        for name in names:
+            prog = progs[name]
+            print(f"; program {name}: {len(prog)} instructions, {len(prog) * WORD_BYTES} bytes")
+            print(disasm(prog))
+        sys.stdout.flush()
+    except BrokenPipeError:                      # `flightllm disasm ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _common(p, with_artifact=True):
+    p.add_argument("--artifact", help="compiled artifact directory (default: compile SmolLM2 with --preset)")
+    p.add_argument("--preset", default="w8", help="compression preset when no --artifact (default w8)")
+    p.add_argument("--hw", default=None, help="hardware preset (default: the artifact's, u280 when compiling)")
+    p.add_argument("--backend", default="golden", help="device backend (default golden)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or statistics on stderr")
+
+
+def _fix_hw(func):
+    def run(args):
+        args.hw_given = args.hw is not None
+        args.hw = args.hw or "u280"
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, not {args.max_new_tokens}")
+        return func(args)
+    return run
+
+
+def add_cli(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a prompt on a backend (golden model by default)",
+                       description="Tokenize the prompt, prefill it, and decode new tokens, printing them "
+                                   "as they are generated.")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    _common(g)
+    g.set_defaults(func=_fix_hw(_cmd_generate))
+
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template (stdin may be piped)")
+    c.add_argument("--system", default=None, help="system message")
+    _common(c)
+    c.set_defaults(func=_fix_hw(_cmd_chat), max_new_tokens=256)
+
+    d = sub.add_parser("disasm", help="print an artifact's instruction programs readably")
+    d.add_argument("artifact")
+    d.add_argument("--program", choices=("decode", "prefill"), help="only this program")
+    d.set_defaults(func=_cmd_disasm)

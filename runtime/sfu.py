@@ -1,0 +1,207 @@
+"""Exact arithmetic of the special-function unit (SFU): the specification the RTL is held to.
+
+Number format
+-------------
+The SFU is IEEE-754 binary32 throughout: add, subtract, multiply, divide and sqrt
+are correctly rounded (round to nearest, ties to even), so numpy float32
+element-wise operations reproduce an RTL IEEE unit exactly. There is no fused
+multiply-add: ``a*b + c`` rounds twice. Subnormal results of ``exp`` are flushed
+to zero (see :func:`exp`); everywhere else subnormals are kept (numpy default).
+
+Reductions (fixed order)
+------------------------
+A sum over a vector of ``n`` elements uses ``lanes = params.sfu_lanes`` lane
+accumulators, each starting at +0.0: lane ``j`` adds elements ``j, j+L, j+2L, ...``
+in that order; then the lanes are combined by a fixed pairwise tree
+(``a[i] = a[2i] + a[2i+1]`` until one is left; ``lanes`` is a power of two, a
+non-power-of-two lane count pads with +0.0 lanes). ``max``/``argmax`` are order
+independent (argmax takes the lowest index of the maximum).
+
+Operations
+----------
+``requantize`` (QUANT), per row segment of ``seg`` elements::
+
+    absmax = max |x|            (float32)
+    scale  = absmax / 127       (float32 division)
+    q      = clip(rint(x * (127 / absmax)), -127, 127)   (127/absmax: float32 division,
+                                the product rounded to float32, then round half to even)
+    absmax == 0  ->  q = 0, scale = 0
+
+MPE result to float: ``float32(acc) * float32(ldexp(x_scale, -shift))`` where the
+int48 ``acc`` rounds once to float32 (exactly through float64, |acc| < 2**53).
+
+``rmsnorm``: ``ss = lane_sum(x*x)``, ``ms = ss / float32(n)``, ``r = 1 / sqrt(ms + eps)``,
+``y = (x * r) * w``.
+
+``rope`` on adjacent pairs (2i, 2i+1) with the compiler's float32 cos/sin table:
+``y0 = x0*c - x1*s``, ``y1 = x0*s + x1*c`` (products rounded, then the sum).
+
+``exp(x)`` (softmax, SiLU), built from float32 operations only::
+
+    x >= 88.75 -> +inf;  x <= -87.5 -> 0;  NaN -> NaN
+    k  = rint(x * LOG2E)                       (float32 product, ties to even)
+    f  = (x - k*LN2_HI) - k*LN2_LO             (Cody-Waite; k*LN2_HI is exact)
+    p  = P7(f) by Horner, coefficients 1/i! as float32, i = 7 .. 0
+    y  = ldexp(p, k), flushed to 0 below 2**-126
+
+``silu_mul``: ``(g / (1 + exp(-g))) * u``.
+
+``softmax`` over the first ``n`` entries of a row (the rest become 0):
+``m = max``, ``e = exp(s - m)``, ``d = lane_sum(e)``, ``p = e / d``.
+
+Attention ``qk``: int8 q (one scale per head) . int8 k (one scale per position and kv
+head) summed exactly as int32, then ``((float32(acc) * q_scale) * k_scale) * c`` with
+``c = float32(1/sqrt(head_dim))``. ``pv``: ``a = a + p * (float32(v) * v_scale)``,
+sequentially in position order, the accumulator starting at +0.0.
+
+Embedding gather: ``float32(q) * float32(ldexp(scale, -shift))`` (exact: 8 x 16 bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["F32", "lane_sum", "requantize", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
+           "softmax_rows", "qk_scores", "pv_accumulate", "argmax", "dequantize"]
+
+F32 = np.float32
+_LOG2E = F32(1.4426950408889634)
+_LN2_HI = F32(0.693359375)              # 0x3F318000: 9 significant bits, k*LN2_HI exact
+_LN2_LO = F32(-2.12194440e-4)
+_POLY = [F32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0)]   # 1/7! .. 1/0!
+_EXP_HI = F32(88.75)
+_EXP_LO = F32(-87.5)
+_TINY = F32(2.0 ** -126)
+_Q = F32(127.0)
+
+
+def lane_sum(x: np.ndarray, lanes: int) -> np.ndarray:
+    """Sum over the last axis in the SFU's fixed order (see the module docstring)."""
+    x = np.asarray(x, dtype=F32)
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    steps = max(1, -(-n // lanes))
+    flat = np.zeros(lead + ((steps + 1) * lanes,), dtype=F32)       # step 0: the +0.0 start
+    flat[..., lanes:lanes + n] = x
+    acc = np.add.accumulate(flat.reshape(lead + (steps + 1, lanes)), axis=-2)[..., -1, :]
+    width = 1 << max(0, (lanes - 1).bit_length())
+    if width != lanes:
+        acc = np.concatenate([acc, np.zeros(lead + (width - lanes,), F32)], axis=-1)
+    while acc.shape[-1] > 1:
+        acc = acc[..., 0::2] + acc[..., 1::2]
+    return acc[..., 0]
+
+
+def requantize(x: np.ndarray, seg: int | None = None):
+    """float32 (..., n) -> (int8 (..., n), float32 scales (..., n // seg))."""
+    x = np.asarray(x, dtype=F32)
+    n = x.shape[-1]
+    seg = n if not seg else seg
+    xs = x.reshape(x.shape[:-1] + (n // seg, seg))
+    absmax = np.abs(xs).max(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(absmax > 0, _Q / absmax, F32(0)).astype(F32)
+        scale = (absmax / _Q).astype(F32)
+    q = np.clip(np.rint(xs * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), scale
+
+
+def mpe_to_float(acc: np.ndarray, x_scale: np.ndarray, shift: int) -> np.ndarray:
+    """int48 accumulators (T, N) and per-row activation scales (T,) -> float32."""
+    s = np.ldexp(np.asarray(x_scale, dtype=F32), -shift).astype(F32)
+    return np.asarray(acc, dtype=np.float64).astype(F32) * s[..., None]
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 (..., n) with float32 scales (..., n // seg) -> float32."""
+    q = np.asarray(q)
+    seg = q.shape[-1] // scale.shape[-1]
+    return (q.astype(F32).reshape(scale.shape + (seg,)) * scale[..., None].astype(F32)).reshape(q.shape)
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, lanes: int) -> np.ndarray:
+    x = np.asarray(x, dtype=F32)
+    ss = lane_sum(x * x, lanes)
+    ms = ss / F32(x.shape[-1])
+    r = F32(1.0) / np.sqrt(ms + F32(eps))
+    return (x * r[..., None]) * np.asarray(w, dtype=F32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x (T, H, D), cos/sin (T, D/2) float32 -> rotated adjacent pairs."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out
+
+
+def exp(x: np.ndarray) -> np.ndarray:
+    """float32 exp by the documented range reduction and polynomial."""
+    x = np.asarray(x, dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        xc = np.clip(x, _EXP_LO, _EXP_HI)
+        k = np.rint(xc * _LOG2E)
+        f = (xc - k * _LN2_HI) - k * _LN2_LO
+        p = np.full_like(f, _POLY[0])
+        for c in _POLY[1:]:
+            p = p * f + c
+        y = np.ldexp(p, k.astype(np.int32)).astype(F32)
+        y = np.where(y < _TINY, F32(0), y)
+        y = np.where(x >= _EXP_HI, F32(np.inf), y)
+        y = np.where(x <= _EXP_LO, F32(0), y)
+        y = np.where(np.isnan(x), x, y)
+    return y.astype(F32)
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    g = np.asarray(g, dtype=F32)
+    with np.errstate(over="ignore"):
+        return (g / (F32(1.0) + exp(-g))) * np.asarray(u, dtype=F32)
+
+
+def softmax_rows(s: np.ndarray, valid: np.ndarray, lanes: int) -> np.ndarray:
+    """s (..., S) float32; entries ``>= valid`` (broadcast over the last axis) are masked."""
+    s = np.asarray(s, dtype=F32)
+    mask = np.arange(s.shape[-1]) < np.asarray(valid)[..., None]
+    m = np.where(mask, s, F32(-np.inf)).max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.where(mask, exp(np.where(mask, s - m, F32(0))), F32(0))
+    d = lane_sum(e, lanes)
+    return np.where(mask, e / d[..., None], F32(0)).astype(F32)
+
+
+def qk_scores(q: np.ndarray, qs: np.ndarray, k: np.ndarray, ks: np.ndarray, c: float) -> np.ndarray:
+    """q int8 (T, H, D), qs (T, H); k int8 (P, KVH, D), ks (P, KVH) -> (T, H, P) float32."""
+    t, h, d = q.shape
+    p, kvh, _ = k.shape
+    rep = h // kvh
+    # int8 x int8 sums over D <= 1024 stay below 2**24: exact in float32 whatever the order
+    acc = np.matmul(q.astype(F32).reshape(t, kvh, rep, d).transpose(1, 0, 2, 3).reshape(kvh, t * rep, d),
+                    k.astype(F32).transpose(1, 2, 0))                      # (KVH, T*rep, P)
+    acc = acc.reshape(kvh, t, rep, p).transpose(1, 0, 2, 3).reshape(t, h, p)
+    ksh = np.repeat(ks.T, rep, axis=0)                                      # (H, P)
+    return ((acc * qs[..., None].astype(F32)) * ksh[None].astype(F32)) * F32(c)
+
+
+def pv_accumulate(a: np.ndarray, p: np.ndarray, v: np.ndarray, vs: np.ndarray, valid=None) -> np.ndarray:
+    """a (T, H, D) += sum over positions (in order) of p (T, H, P) * dequant(v (P, KVH, D)).
+
+    ``valid`` (T,): row t only adds positions ``< valid[t]`` (the others are skipped).
+    """
+    t, h, d = a.shape
+    kvh = v.shape[1]
+    rep = h // kvh
+    vd = v.astype(F32) * vs[..., None].astype(F32)                         # (P, KVH, D)
+    vd = np.repeat(vd, rep, axis=1)                                        # (P, H, D)
+    prods = p.transpose(2, 0, 1)[..., None].astype(F32) * vd[:, None]      # (P, T, H, D)
+    if valid is not None:
+        keep = np.arange(p.shape[-1])[:, None] < np.asarray(valid)[None, :]    # (P, T)
+        prods = np.where(keep[:, :, None, None], prods, F32(0))
+    seq = np.concatenate([a[None].astype(F32), prods], axis=0)
+    return np.add.accumulate(seq, axis=0)[-1]
+
+
+def argmax(x: np.ndarray) -> np.ndarray:
+    return np.argmax(x, axis=-1)
