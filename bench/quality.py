@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-rtn", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
+DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-gptq", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
                    "w4-2:4-mlp-rtn", "w4-2:4", "w4-2:8-mlp", "w4-1:4-mlp", "w3",
                    "mixed-4.4b", "mixed-3.5b", "mixed-3b"]
 

@@ -4,11 +4,12 @@ Pipeline for one model and one :class:`Recipe`:
 
 1. **Calibrate**: run the float reference over calibration text and keep, for every
    linear input, the Hessian ``H = E[x x^T]``.
-2. **Prune and quantize** each matrix in one optimal-brain-surgeon sweep (``method="obs"``,
-   :mod:`.obs`): SparseGPT's N:M mask along the input axis and GPTQ rounding to signed INTb
-   with one fixed-point scale per group of G inputs (:mod:`flightllm.hw.formats`), the
-   error of every column compensated on the columns not yet done. ``method="rtn"`` is the
-   simple baseline: Wanda's ``|W| * ||X||`` mask and round-to-nearest with a clip search.
+2. **Prune and quantize** each matrix to signed INTb with one fixed-point scale per group
+   of G inputs (:mod:`flightllm.hw.formats`). Sparse formats use one optimal-brain-surgeon
+   sweep (:mod:`.obs`): SparseGPT's N:M mask along the input axis and GPTQ rounding, the
+   error of every column compensated on the columns not yet done. Dense formats use
+   round-to-nearest with a per-block clip search weighted by ``||X_k||^2`` (it beat GPTQ on
+   held-out text here; ``method="obs"`` forces GPTQ, ``"rtn"`` forces Wanda + RTN).
 3. **Allocate** (mixed presets): for every matrix and candidate format the output error
    ``tr(dW H dW^T)`` is *measured*, and every matrix's sensitivity (KL at the logits per
    unit of that error, :func:`measure_sensitivity`); a greedy knapsack then upgrades the
@@ -56,7 +57,7 @@ class Recipe:
     budget_bpp: float | None = None
     candidates: tuple = ()
     description: str = ""
-    method: str = "obs"
+    method: str = "auto"
 
     @property
     def is_float(self) -> bool:
@@ -71,8 +72,8 @@ PRESETS = {r.name: r for r in [
     Recipe("w8", "int8", "int8", "int8", description="dense INT8 everywhere"),
     Recipe("w4", "int4", "int4", "int4", description="dense INT4 everywhere"),
     Recipe("w4-e8", "int4", "int4", "int8", description="dense INT4, INT8 embedding/LM head"),
-    Recipe("w4-rtn", "int4", "int4", "int4", method="rtn",
-           description="dense INT4 by round-to-nearest (no GPTQ), for comparison"),
+    Recipe("w4-gptq", "int4", "int4", "int4", method="obs",
+           description="dense INT4 by GPTQ column updates instead of round-to-nearest, for comparison"),
     Recipe("w4-2:4-mlp-rtn", "int4", "int4-2:4", "int4", method="rtn",
            description="as w4-2:4-mlp with Wanda + round-to-nearest (no SparseGPT/GPTQ)"),
     Recipe("w3", "int3", "int3", "int4", description="dense INT3 layers, INT4 embedding"),
@@ -181,11 +182,14 @@ class CompressedTensor:
 
 
 def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray | None,
-                    method: str = "obs", measure: bool = True) -> CompressedTensor:
+                    method: str = "auto", measure: bool = True) -> CompressedTensor:
     """Prune (if sparse) and quantize one matrix.
 
     ``method="obs"`` (needs ``hessian``) is SparseGPT + GPTQ (:mod:`.obs`); ``"rtn"`` is
-    Wanda pruning and round-to-nearest with a per-block clip search. The error recorded
+    Wanda pruning and round-to-nearest with a per-block clip search; ``"auto"`` (the
+    presets' default) is OBS for sparse formats and RTN for dense ones: on SmolLM2 with
+    G=64 and the clip search, GPTQ's column updates did not beat RTN on held-out text
+    (docs/quality.md), while SparseGPT's updates halve the perplexity cost of pruning. The error recorded
     is the output error ``tr(dW H dW^T)`` per calibration token (or plain squared error
     without a Hessian); ``measure=False`` skips it (it costs N*K^2) and leaves ``error`` None.
     """
@@ -194,13 +198,15 @@ def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.nda
         raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of the quant group size {fmt.group_size}")
     if k % fmt.m:
         raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of m={fmt.m}")
+    if method == "auto":
+        method = "rtn" if fmt.dense else "obs"
     if method == "obs" and hessian is not None:
         q, s, sh, full_mask = obs_compress(w, fmt, hessian)
         ct = CompressedTensor(name, fmt, q, s, sh, full_mask)
-    elif method in ("obs", "rtn"):
+    elif method in ("obs", "rtn"):      # (obs without a Hessian falls back to rtn)
         ct = _rtn_compress(name, w, fmt, None if hessian is None else np.diag(hessian))
     else:
-        raise ValueError(f"unknown compression method {method!r}: use 'obs' or 'rtn'")
+        raise ValueError(f"unknown compression method {method!r}: use 'auto', 'obs' or 'rtn'")
     if not measure:
         return ct
     dw = ct.dequantize() - w                                  # float32: BLAS-fast, ample for ranking
@@ -298,7 +304,7 @@ def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
 
 
 def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, group_size: int = 64,
-                       progress=None, method: str = "obs") -> dict:
+                       progress=None, method: str = "auto") -> dict:
     """Compress every matrix in every candidate format: (name, format) -> CompressedTensor.
 
     The measured errors drive :func:`allocate_mixed`; one measurement serves any budget.
