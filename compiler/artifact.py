@@ -104,33 +104,35 @@ class ArtifactWriter:
     def add_table(self, name: str, values):
         self.tables[name] = np.ascontiguousarray(values, dtype="<f4")
 
+    def layout(self) -> dict:
+        """The manifest sections ``model``, ``hw``, ``tensors`` and ``tables`` :meth:`write`
+        produces (every offset), computed without writing: the one place they are laid out."""
+        tensors, offset = {}, 0
+        for name, pt in self.tensors.items():
+            tensors[name] = {
+                "format": pt.fmt.name, "group_size": pt.fmt.group_size,
+                "shape": list(pt.shape), "shift": pt.shift, "offset": offset,
+                "payload_bytes": pt.payload_bytes, "scale_bytes": pt.scale_bytes,
+                "scale_offset": offset + _align(pt.payload_bytes),
+                "stored_bytes": pt.stored_bytes()}
+            offset += pt.channel_bytes
+        tables, toff = {}, 0
+        for name, arr in self.tables.items():
+            tables[name] = {"offset": toff, "shape": list(arr.shape)}
+            toff += arr.nbytes
+        return {"model": self.config.to_dict(), "hw": self.params.to_dict(), "tensors": tensors, "tables": tables}
+
     def write(self, out) -> Path:
         p = self.params
         with atomic_dir(out) as tmp:
             (tmp / "weights").mkdir()
-            manifest = {"version": MANIFEST_VERSION, "preset": self.preset,
-                        "model": self.config.to_dict(), "hw": p.to_dict(),
-                        "tensors": {}, "tables": {}, "images": {}}
-            offset = 0
-            for name, pt in self.tensors.items():
-                manifest["tensors"][name] = {
-                    "format": pt.fmt.name, "group_size": pt.fmt.group_size,
-                    "shape": list(pt.shape), "shift": pt.shift, "offset": offset,
-                    "payload_bytes": pt.payload_bytes, "scale_bytes": pt.scale_bytes,
-                    "scale_offset": offset + _align(pt.payload_bytes),
-                    "stored_bytes": pt.stored_bytes()}
-                offset += pt.channel_bytes
+            manifest = {"version": MANIFEST_VERSION, "preset": self.preset, **self.layout(), "images": {}}
             for c in range(p.weight_channels):
                 img = b"".join(pt.channel_image(c) for pt in self.tensors.values())
                 rel = f"weights/ch{c:02d}.bin"
                 (tmp / rel).write_bytes(img)
                 manifest["images"][rel] = {"bytes": len(img), "sha256": sha256(img)}
-            toff, blobs = 0, []
-            for name, arr in self.tables.items():
-                manifest["tables"][name] = {"offset": toff, "shape": list(arr.shape)}
-                blobs.append(arr.tobytes())
-                toff += arr.nbytes
-            tab = b"".join(blobs)
+            tab = b"".join(arr.tobytes() for arr in self.tables.values())
             (tmp / "tables.bin").write_bytes(tab)
             manifest["images"]["tables.bin"] = {"bytes": len(tab), "sha256": sha256(tab)}
             for rel, data in self.files.items():

@@ -1,6 +1,6 @@
 """The scheduler: manifest -> length-adaptive instruction programs (prefill, decode).
 
-Two programs per artifact, each valid for every position and length:
+Three programs per artifact, each valid for every position and length:
 
 ``decode``
     One token at position ``POS`` (host register), token id in the token buffer at
@@ -9,7 +9,14 @@ Two programs per artifact, each valid for every position and length:
 ``prefill``
     ``LEN`` tokens at positions ``POS .. POS+LEN-1``, in a hardware loop over chunks
     of ``C = params.mm_tokens`` tokens (``CPOS = POS + i*C``, ``CLEN = min(LEN - i*C, C)``,
-    ``KVLEN = CPOS + CLEN``, ``OUTROW = i*C``), the body with MM operations.
+    ``KVLEN = CPOS + CLEN``, ``OUTROW = i*C``), the body with MM operations; logits of
+    every token (output rows ``0 .. LEN-1``: what perplexity needs).
+``prefill_last``
+    The same ``LEN`` tokens, logits of the last one only (what generation needs):
+    the chunk loop over the first ``LEN - 1`` tokens runs the body without the LM
+    head (final norm, output projection, ST_OUT, ARGMAX), then the last token runs
+    the decode body at ``CPOS = POS + LEN - 1`` (output row 0). Rows are independent
+    and MM equals MV row by row, so its logits equal row ``LEN - 1`` of ``prefill``.
 
 The body keeps every activation on chip; only weights, the KV cache and the logits
 cross HBM. Per layer (``X`` is the residual stream)::
@@ -36,6 +43,14 @@ HBM layout of the KV cache (space ``KV``): row ``((2*layer + kind) * max_seq + p
 of ``row_bytes = kv_dim + 4*n_kv_heads`` bytes, kind 0 = K, 1 = V; a row is the
 int8 values (kv head major) followed by one little-endian float32 scale per kv head.
 Output space ``OUT``: logits row r at byte ``r * vocab * 4`` (float32).
+
+On-chip buffers: every buffer region the programs write is checked against the
+hardware (:func:`check_buffers`, sizes read from the instructions by
+:func:`buffer_sizes`): a buffer holds ``rows x width`` elements (``rows`` =
+``mm_tokens`` in prefill, 1 in decode, ``kv_tile`` for the KV tile; the score buffer
+``heads x max_seq`` per row) and every row must fit ``params.act_buf_depth``
+elements. A buffer that does not fit is a :class:`ScheduleError` naming the buffer
+and both sizes.
 """
 
 from __future__ import annotations
@@ -54,15 +69,17 @@ from .gguf_import import LINEARS, ModelConfig
 
 __all__ = ["ScheduleError", "Plan", "plan_from_manifest", "build_programs", "rope_table",
            "manifest_preview", "shape_manifest", "unrolled_counts", "unroll", "PROGRAM_FILES",
-           "add_programs"]
+           "add_programs", "buffer_sizes", "check_buffers"]
 
-PROGRAM_FILES = {"decode": "programs/decode.bin", "prefill": "programs/prefill.bin"}
+PROGRAM_FILES = {"decode": "programs/decode.bin", "prefill": "programs/prefill.bin",
+                 "prefill_last": "programs/prefill_last.bin"}
 
 
 
 def _ri(v) -> int:
     """A register field (enum member or int) as an int."""
     return v.value if hasattr(v, "value") else int(v)
+
 
 class ScheduleError(ValueError):
     pass
@@ -131,6 +148,7 @@ class _Builder:
         self.p = HwParams.from_dict(m["hw"])
         self.plan = plan_from_manifest(m)
         self.mode = mode
+        self.mv = mode == "decode"
         self.stack = [[]]
         c = self.cfg
         if c.n_heads % c.n_kv_heads or c.head_dim % 2:
@@ -172,7 +190,7 @@ class _Builder:
         return t["offset"] // 4
 
     def matmul(self, name, src, dst):
-        op = Opcode.MV if self.mode == "decode" else Opcode.MM
+        op = Opcode.MV if self.mv else Opcode.MM
         self.emit(op, [src, "W"], [dst], src=src, dst=dst, rows_reg=Reg.CLEN, **self.tensor(name))
 
     def sfu(self, op, src, dst, n, src2=None, **f):
@@ -184,7 +202,7 @@ class _Builder:
         self.emit(op, reads, [dst], src=src, dst=dst, n=n, rows_reg=Reg.CLEN, **f)
 
     # -- the model ----------------------------------------------------------------
-    def body(self):
+    def body(self, head: bool = True):
         c, p, pl = self.cfg, self.p, self.plan
         hd, nh, nkv = c.head_dim, c.n_heads, c.n_kv_heads
         eps = float(np.float32(c.rms_eps))
@@ -237,6 +255,8 @@ class _Builder:
             self.sfu(Opcode.QUANT, Buf.G, Buf.HQ, c.ffn)
             self.matmul(L + "ffn_down.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
+        if not head:
+            return
         self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table("output_norm"), imm=eps)
         self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
         head = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -257,13 +277,22 @@ class _Builder:
             setr(Reg.OUTROW, Reg.ZERO)
             self.body()
         else:
-            self.loop(Reg.CHUNK, Reg.LEN, C - 1, C.bit_length() - 1)
+            # prefill: all LEN tokens with the head; prefill_last: the first LEN - 1 without it
+            skip = 0 if self.mode == "prefill" else 1
+            self.loop(Reg.CHUNK, Reg.LEN, C - 1 - skip, C.bit_length() - 1)
             setr(Reg.CPOS, Reg.POS, Reg.CHUNK, C)
-            setr(Reg.CLEN, Reg.LEN, Reg.CHUNK, -C, lim=C)
+            setr(Reg.CLEN, Reg.LEN, Reg.CHUNK, -C, add=-skip, lim=C)
             setr(Reg.KVLEN, Reg.CPOS, Reg.CLEN, 1)
             setr(Reg.OUTROW, Reg.ZERO, Reg.CHUNK, C)
-            self.body()
+            self.body(head=not skip)
             self.end_loop()
+            if skip:                                    # the last token, as in decode
+                setr(Reg.CPOS, Reg.POS, Reg.LEN, 1, add=-1)
+                setr(Reg.CLEN, Reg.ZERO, add=1)
+                setr(Reg.KVLEN, Reg.CPOS, add=1)
+                setr(Reg.OUTROW, Reg.ZERO)
+                self.mv = True
+                self.body()
         self.emit(Opcode.END)
         return self.stack[0]
 
@@ -325,9 +354,69 @@ def _flatten(items, out):
     return out
 
 
-def build_programs(manifest: dict) -> dict:
-    """{'decode': [Instr], 'prefill': [Instr]} for an artifact manifest."""
-    return {mode: _flatten(_Builder(manifest, mode).program(), []) for mode in ("decode", "prefill")}
+def buffer_sizes(progs: dict, plan: Plan) -> dict:
+    """On-chip buffer -> (rows, elements per row): the most any instruction of ``progs``
+    puts in it, read from the instructions themselves.
+
+    Rows: ``mm_tokens`` where a register gives the row count (``CLEN``: a prefill
+    chunk; 1 in ``decode``), else the instruction's ``rows`` (the KV tile). Elements:
+    ``n_out`` of MV/MM, ``k_in`` of EMBED, ``n`` of the SFU ops, ``heads x head_dim``
+    of PV, the int8 values of an LD_KV row, and for QK's score buffer ``heads x max_seq``.
+    """
+    out = {}
+    for name, prog in progs.items():
+        crows = 1 if name == "decode" else plan.chunk
+        for ins in prog:
+            f, op = ins.f, ins.op
+            rows = crows if f.get("rows_reg") else f.get("rows", 1)
+            if op in (Opcode.MV, Opcode.MM):
+                buf, width = f["dst"], f["n_out"]
+            elif op == Opcode.EMBED:
+                buf, width = f["dst"], f["k_in"]
+            elif op == Opcode.QK:
+                buf, width = f["dst"], f["heads"] * plan.max_seq
+            elif op == Opcode.PV:
+                buf, width = f["dst"], f["heads"] * f["head_dim"]
+            elif op == Opcode.LD_KV:
+                buf, width = f["buf"], f["row_bytes"] - 4 * plan.kv_heads
+            elif UNIT_OF[op] == Unit.SFU and op not in (Opcode.ARGMAX, Opcode.SOFTMAX):
+                buf, width = f["dst"], f["n"]
+            else:
+                continue
+            buf = Buf(_ri(buf))
+            r0, w0 = out.get(buf, (0, 0))
+            out[buf] = (max(r0, rows), max(w0, width))
+    return dict(sorted(out.items(), key=lambda kv: kv[0].value))
+
+
+def check_buffers(m: dict, progs: dict | None = None) -> dict:
+    """:func:`buffer_sizes` of the programs for manifest ``m`` (built unless given),
+    checked against ``params.act_buf_depth`` elements per row.
+
+    Raises :class:`ScheduleError` (a ValueError) naming the first buffer that does not fit.
+    """
+    p = HwParams.from_dict(m["hw"])
+    if progs is None:
+        progs = build_programs(m, check=False)
+    sizes = buffer_sizes(progs, plan_from_manifest(m))
+    for b, (rows, width) in sizes.items():
+        if width > p.act_buf_depth:
+            what = " (heads x max_seq scores)" if b == Buf.S else ""
+            raise ScheduleError(f"on-chip buffer {b.name}: {rows} rows x {width} elements{what} per row exceed "
+                                f"act_buf_depth = {p.act_buf_depth} elements per row of hw {p.name!r}")
+    return sizes
+
+
+def build_programs(manifest: dict, check: bool = True) -> dict:
+    """{'decode', 'prefill', 'prefill_last': [Instr]} for an artifact manifest.
+
+    ``check=False`` skips the on-chip buffer check (performance modelling of a shape
+    that does not fit the preset; see :func:`check_buffers`).
+    """
+    progs = {mode: _flatten(_Builder(manifest, mode).program(), []) for mode in PROGRAM_FILES}
+    if check:
+        check_buffers(manifest, progs)
+    return progs
 
 
 def add_programs(writer) -> dict:
@@ -353,21 +442,8 @@ def add_programs(writer) -> dict:
 
 def manifest_preview(writer) -> dict:
     """The manifest sections (model, hw, tensors, tables) ``ArtifactWriter.write`` will
-    produce, before writing (same offsets; tests check it against a written artifact)."""
-    al = lambda n: -(-n // ALIGN) * ALIGN
-    tensors, off = {}, 0
-    for name, pt in writer.tensors.items():
-        tensors[name] = {"format": pt.fmt.name, "group_size": pt.fmt.group_size,
-                         "shape": list(pt.shape), "shift": pt.shift, "offset": off,
-                         "payload_bytes": pt.payload_bytes, "scale_bytes": pt.scale_bytes,
-                         "scale_offset": off + al(pt.payload_bytes)}
-        off += pt.channel_bytes
-    tables, toff = {}, 0
-    for name, arr in writer.tables.items():
-        tables[name] = {"offset": toff, "shape": list(arr.shape)}
-        toff += arr.nbytes
-    return {"model": writer.config.to_dict(), "hw": writer.params.to_dict(), "tensors": tensors,
-            "tables": tables}
+    produce, before writing (:meth:`ArtifactWriter.layout`)."""
+    return writer.layout()
 
 
 def shape_manifest(cfg: ModelConfig, params: HwParams, fmt: str = "int4", embed_fmt: str = "int8") -> dict:

@@ -73,7 +73,9 @@ class HwParams:
     hbm_channel_gbps : float
         Sustained bandwidth of one pseudo-channel (GB/s) for the performance model.
     act_buf_depth : int
-        Entries of the on-chip activation buffer (elements).
+        Elements per row of each on-chip buffer (the MPE's INT8 activation buffer and
+        the SFU's float32 buffers). The attention-score row of a decode step needs
+        ``heads * max_seq_len`` (131072 for LLaMA2-7B at 4096), which sets the large presets.
     kv_tile : int
         KV-cache positions moved per LD/ST and processed per attention loop trip.
     sfu_lanes : int
@@ -180,12 +182,12 @@ PRESETS = {
     # INT4 weights at 225 MHz (FlightLLM's clock).
     "u280": HwParams(name="u280", clock_mhz=225.0, chains=128, chain_len=32, dsp_group=8,
                      weight_channels=32, kv_channels=4, hbm_port_bits=512,
-                     hbm_channel_gbps=14.375, act_buf_depth=65536, kv_tile=64,
+                     hbm_channel_gbps=14.375, act_buf_depth=131072, kv_tile=64,
                      sfu_lanes=32, max_seq_len=4096),
     # Versal HBM VHK158: 819 GB/s HBM2e in 64 pseudo-channels of ~12.8 GB/s.
     "vhk158": HwParams(name="vhk158", clock_mhz=300.0, chains=128, chain_len=64, dsp_group=8,
                        weight_channels=64, kv_channels=8, hbm_port_bits=512,
-                       hbm_channel_gbps=12.8, act_buf_depth=65536, kv_tile=64,
+                       hbm_channel_gbps=12.8, act_buf_depth=131072, kv_tile=64,
                        sfu_lanes=64, max_seq_len=4096),
     # Small enough to simulate in seconds under Verilator.
     "sim": HwParams(name="sim", clock_mhz=100.0, chains=4, chain_len=8, dsp_group=4,

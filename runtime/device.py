@@ -5,7 +5,7 @@ A device holds one artifact's images and runs its programs::
     dev.load(artifact)                  # weight channels, tables, programs
     dev.write_tokens(pos, ids)          # token buffer (one id per sequence position)
     dev.write_reg("POS", p); dev.write_reg("LEN", n)    # AXI-Lite argument registers
-    dev.start("prefill" | "decode"); stats = dev.wait()
+    dev.start("prefill" | "prefill_last" | "decode"); stats = dev.wait()
     dev.read_logits(row, rows)          # float32 (rows, vocab) from the output region
     dev.read_reg("ARGMAX")
 
@@ -40,6 +40,11 @@ class Device(Protocol):
     def start(self, program: str) -> None: ...
     def wait(self) -> RunStats: ...
     def read_logits(self, row: int, rows: int) -> np.ndarray: ...
+    def has_program(self, name: str) -> bool: ...
+
+
+#: programs an older artifact may lack (the driver falls back to ``prefill``)
+OPTIONAL_PROGRAMS = ("prefill_last",)
 
 
 def artifact_programs(art: Artifact) -> dict:
@@ -50,6 +55,8 @@ def artifact_programs(art: Artifact) -> dict:
                             "(compiled before the scheduler existed; recompile with `flightllm compile`)")
     progs = {}
     for name, rel in PROGRAM_FILES.items():
+        if name in OPTIONAL_PROGRAMS and rel not in art.manifest.get("images", {}):
+            continue                    # an artifact from before the program existed
         try:
             progs[name] = decode_program(art.read(rel), f"{art.path / rel}")
         except IsaError as e:
@@ -104,6 +111,9 @@ class GoldenDevice:
 
     def read_reg(self, name):
         return int(self.machine.regs[Reg[name].value])
+
+    def has_program(self, name):
+        return name in self.programs
 
     def start(self, program):
         if program not in self.programs:

@@ -101,7 +101,12 @@ class Driver:
                                   f"maximum sequence length of {self.max_seq}")
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
-        """Append ``ids`` to the cache; logits of the last token (or of all, (n, vocab))."""
+        """Append ``ids`` to the cache; logits of the last token (or of all, (n, vocab)).
+
+        The last token's logits come from the ``prefill_last`` program, which runs the
+        LM head for that token only (bit-identical to row ``n - 1`` of ``prefill``);
+        ``all_logits`` (perplexity) runs ``prefill``, which computes every row.
+        """
         ids = list(map(int, ids))
         if not ids:
             raise GenerationError("empty prompt")
@@ -114,12 +119,15 @@ class Driver:
         d.write_tokens(self.pos, ids)
         d.write_reg("POS", self.pos)
         d.write_reg("LEN", len(ids))
-        d.start("prefill")
+        last = not all_logits and d.has_program("prefill_last")
+        d.start("prefill_last" if last else "prefill")
         self.stats.append(("prefill", len(ids), d.wait()))
         self.pos += len(ids)
         self.cached += ids
         self.last_argmax = d.read_reg("ARGMAX")
-        return d.read_logits(0, len(ids)) if all_logits else d.read_logits(len(ids) - 1, 1)[0]
+        if all_logits:
+            return d.read_logits(0, len(ids))
+        return d.read_logits(0 if last else len(ids) - 1, 1)[0]
 
     def step(self, token: int, need_logits: bool = True):
         """Decode one token at the next position; its logits (or None) and the argmax."""

@@ -20,7 +20,7 @@ Arithmetic
 ----------
 MPE: exactly :mod:`flightllm.runtime.arith` (INT8 activations x INT8-widened
 weights, int32 per quant group, x uint16 scale, wrapping int48), evaluated by the
-exact fast path :func:`~flightllm.runtime.arith.mpe_matmul`. Everything else is the
+exact fast path :func:`~flightllm.runtime.arith.mpe_accumulate`. Everything else is the
 float32 SFU of :mod:`flightllm.runtime.sfu` (the spec of each operation is there).
 
 Timing (the first performance model)
@@ -43,6 +43,15 @@ instruction signalled it) is a deadlock; tokens left over at a barrier are an
 error. A hazard check confirms that the tokens order every buffer access: an
 instruction must not start before the last writer (and, for a write, the last
 readers) of its buffers have finished.
+
+Execution
+---------
+A program is prepared once per machine (:meth:`Golden.run` caches it by identity):
+every instruction becomes a bound handler with its fields resolved to plain ints,
+its token FIFOs and hazard resources precomputed, so issuing costs a few Python
+operations plus the numpy work; registers are read at issue time only where a field
+names one. Weights are unpacked once per offset (and cached on disk when a cache
+directory is given) and prepared once for :func:`~flightllm.runtime.arith.mpe_accumulate`.
 """
 
 from __future__ import annotations
@@ -55,24 +64,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from ..hw.formats import ALIGN, PackedTensor, WeightFormat, unpack_tensor
 from amaranth.lib import enum
 
+from ..hw.formats import ALIGN, PackedTensor, WeightFormat, unpack_tensor
 from ..hw.isa import LOOP_DEPTH, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
 from ..hw.params import HwParams
 from . import sfu
-from .arith import mpe_matmul, prepare_weights, wrap_signed
+from .arith import mpe_accumulate, prepare_weights
 
-__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_region"]
+__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_region", "set_blas_threads"]
 
 F32 = np.float32
 
-
-
-def _ri(v) -> int:
-    """A register field (enum member or int) as an int."""
-    return v.value if hasattr(v, "value") else int(v)
 
 class GoldenError(ValueError):
     """A program the golden model cannot execute; names the instruction and field."""
@@ -89,9 +92,9 @@ def _align(n):
 def set_blas_threads(n: int) -> bool:
     """Limit the OpenBLAS threads numpy uses (no threadpoolctl dependency; best effort).
 
-    The golden model's GEMMs are many small per-quant-group products: extra BLAS
-    threads do not help them and spin badly on a shared machine, so the golden device
-    runs single-threaded unless ``FLIGHTLLM_BLAS_THREADS`` says otherwise.
+    The golden model's GEMVs are memory bound and its other numpy work is small:
+    extra BLAS threads do not help and spin badly on a shared machine, so the golden
+    device runs single-threaded unless ``FLIGHTLLM_BLAS_THREADS`` says otherwise.
     """
     import ctypes
 
@@ -114,22 +117,6 @@ def set_blas_threads(n: int) -> bool:
                 done = True
                 break
     return done
-
-
-def mpe_matmul_fast(wg: np.ndarray, scales: np.ndarray, x: np.ndarray, acc_bits: int = 48) -> np.ndarray:
-    """:func:`flightllm.runtime.arith.mpe_matmul` with the activation operand made contiguous
-    first, so numpy's stacked matmul uses BLAS (~7x faster for MM). Same exact result
-    (tests/test_golden.py checks it against ``mpe_matmul``); TODO(arith owner): fold the
-    ``ascontiguousarray`` into ``mpe_matmul`` and drop this."""
-    ng, n, g = wg.shape
-    if ng > 1 << 13:
-        return mpe_matmul(wg, scales, x, acc_bits)
-    single = x.ndim == 1
-    xt = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, ng, g).transpose(1, 2, 0))
-    ps = np.matmul(wg, xt)                                                   # (ng, N, T), exact
-    acc = np.einsum("gnt,ng->tn", ps.astype(np.float64), scales.astype(np.float64))   # exact < 2**53
-    out = wrap_signed(acc.astype(np.int64), acc_bits)
-    return out[0] if single else out
 
 
 def _save_npz(path: Path, **arrays):
@@ -159,41 +146,38 @@ _UNAMES = [u.name for u in TOKEN_UNITS]
     Opcode.ADD, Opcode.QUANT, Opcode.DEQUANT, Opcode.PV, Opcode.ARGMAX, Opcode.FILL))
 _KV, _OUT = Space.KV.value, Space.OUT.value
 _ARGMAX_REG = Reg.ARGMAX.value
-# pseudo-resources of the hazard check besides the on-chip buffers (ints 0..31)
-_TOK, _TAB, _KVR, _OUTR, _REGR = "token buffer", "tables", "KV HBM", "output HBM", "ARGMAX register"
+# resources of the hazard check: the on-chip buffers (Buf values) and these pseudo-resources
+_NBUF = max(b.value for b in Buf) + 1
+_TOK, _TAB, _KVR, _OUTR, _REGR = range(_NBUF, _NBUF + 5)
+_PSEUDO = {_TOK: "token buffer", _TAB: "tables", _KVR: "KV HBM", _OUTR: "output HBM", _REGR: "ARGMAX register"}
+# instruction kinds of the interpreter loop
+_K_OP, _K_SETR, _K_LOOP, _K_END, _K_NOP = range(5)
 
 
 def _rname(r):
-    return Buf(r).name if isinstance(r, int) else r
+    return _PSEUDO.get(r) or Buf(r).name
 
 
 class _CI:
-    """An instruction prepared for execution: plain-int fields (enums resolved once)."""
-    __slots__ = ("op", "opv", "unit", "wait", "signal", "f", "name")
+    """An instruction prepared for execution (see the module docstring, Execution)."""
+    __slots__ = ("op", "f", "kind", "unit", "opv", "waits", "sigs", "reads", "writes", "h", "setr", "loop")
 
     def __init__(self, ins):
         self.op = ins.op
         self.opv = ins.op.value
-        self.unit = UNIT_OF[ins.op].value
         self.f = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in ins.f.items()}
-        self.wait = self.f.get("wait", 0)
-        self.signal = self.f.get("signal", 0)
-        self.name = None
-
-
-_CACHE = {}
-
-
-def _compiled(prog):
-    key = id(prog)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is prog:
-        return hit[1]
-    out = [_CI(i) for i in prog]
-    if len(_CACHE) > 64:
-        _CACHE.clear()
-    _CACHE[key] = (prog, out)
-    return out
+        self.unit = UNIT_OF[ins.op].value
+        f = self.f
+        self.kind = {_END: _K_END, _LOOP: _K_LOOP, _SETR: _K_SETR, _NOP: _K_NOP}.get(self.opv, _K_OP)
+        u = self.unit
+        w, sg = f.get("wait", 0), f.get("signal", 0)
+        self.waits = tuple((pu * _NU + u, pu) for pu in range(_NU) if w >> pu & 1)
+        self.sigs = tuple(u * _NU + cu for cu in range(_NU) if sg >> cu & 1)
+        self.setr = (f.get("rb", 0), f.get("ra", 0), f.get("mul", 0), f.get("add", 0), f.get("lim", 0),
+                     f.get("rd", 0))
+        self.loop = (f.get("body", 0), f.get("ra", 0), f.get("add", 0), f.get("shr", 0), f.get("rd", 0))
+        self.reads = self.writes = ()
+        self.h = None
 
 
 @dataclass
@@ -252,13 +236,14 @@ class Golden:
         self.has_tensors = tensors is not None
         self.weights = {}
         self.weight_cache = None if weight_cache is None else Path(weight_cache)
-        self.regs = np.zeros(16, dtype=np.int64)
+        self.regs = [0] * 16                 # plain ints: read at issue time by register fields
         self.tokens = np.zeros(self.plan["max_seq"], dtype=np.int64)
         self.kv = np.zeros(self.plan["kv_bytes"] if functional else 0, dtype=np.uint8)
         self.out = np.zeros(0, dtype=np.uint8)
         self.bufs = {}
         ch = min(params.hbm_channel_gbps * 1e9 / (params.clock_mhz * 1e6), params.hbm_port_bits / 8)
         self.ch_bpc = ch
+        self._progs = {}
 
     # -- host interface -------------------------------------------------------------
     def write_tokens(self, pos: int, ids):
@@ -324,7 +309,7 @@ class Golden:
 
     def _prepared(self, w: _Weight):
         if w.wg is None:
-            w.wg = prepare_weights(w.q, w.fmt.group_size)
+            w.wg = prepare_weights(w.q, w.scales, w.fmt.group_size)
         return w.wg
 
     # -- buffers -----------------------------------------------------------------
@@ -335,7 +320,9 @@ class Golden:
         if v.shape[0] < rows or (n is not None and v.shape[1] < n):
             raise GoldenError(f"instruction {i} ({ins.op.name}): buffer {Buf(b).name} is {v.shape}, "
                               f"needs {rows} x {n}")
-        return v[:rows] if n is None else v[:rows, :n]
+        if n is None or v.shape[1] == n:
+            return v if v.shape[0] == rows else v[:rows]
+        return v[:rows, :n]
 
     def _i8(self, i, ins, b, rows):
         v = self.bufs.get(b)
@@ -344,306 +331,16 @@ class Golden:
         if v[0].shape[0] < rows:
             raise GoldenError(f"instruction {i} ({ins.op.name}): buffer {Buf(b).name} has {v[0].shape[0]} "
                               f"rows, needs {rows}")
+        if v[0].shape[0] == rows:
+            return v
         return v[0][:rows], v[1][:rows]
-
-    # -- execution ---------------------------------------------------------------
-    def run(self, prog, regs: dict | None = None) -> RunStats:
-        """Run ``prog`` from the start with the given host registers; returns timing stats."""
-        for k, v in (regs or {}).items():
-            self.regs[Reg[k].value if isinstance(k, str) else int(k)] = int(v)
-        self.regs[0] = 0
-        st = RunStats()
-        self._free = [0] * _NU
-        self._fifo = [deque() for _ in range(_NU * _NU)]
-        self._wend, self._rend = {}, {}
-        self._stats = st
-        self._busy = [0] * _NU
-        self._prog = _compiled(prog)
-        try:
-            ended = self._exec(0, len(prog), 0)
-        finally:
-            for u in range(_NU):
-                st.busy[_UNAMES[u]] += self._busy[u]
-        if not ended:
-            raise GoldenError("program ran past its last instruction without END")
-        st.cycles = max(self._free)
-        return st
-
-    def _barrier(self, where):
-        t = max(self._free)
-        self._free = [t] * _NU
-        for idx, q in enumerate(self._fifo):
-            if q:
-                a, b = divmod(idx, _NU)
-                raise DeadlockError(f"{where}: {len(q)} token(s) from {_UNAMES[a]} to {_UNAMES[b]} never "
-                                    "consumed before a barrier (unbalanced wait/signal)")
-
-    def _exec(self, lo, hi, depth):
-        prog, pc, regs = self._prog, lo, self.regs
-        while pc < hi:
-            ins = prog[pc]
-            op, f = ins.opv, ins.f
-            if op == _END:
-                self._barrier(f"instruction {pc} (END)")
-                return True
-            if op == _LOOP:
-                body = f.get("body", 0)
-                if pc + 1 + body > hi:
-                    raise GoldenError(f"instruction {pc} (LOOP): body of {body} runs past its enclosing block")
-                if depth >= LOOP_DEPTH:
-                    raise GoldenError(f"instruction {pc} (LOOP): nesting deeper than the loop stack ({LOOP_DEPTH})")
-                self._barrier(f"instruction {pc} (LOOP)")
-                trips = max(0, int(regs[f.get("ra", 0)]) + f.get("add", 0)) >> f.get("shr", 0)
-                idx = f.get("rd", 0)
-                for j in range(trips):
-                    if idx:
-                        regs[idx] = j
-                    if self._exec(pc + 1, pc + 1 + body, depth + 1):
-                        return True
-                    self._barrier(f"instruction {pc} (LOOP back edge)")
-                pc += 1 + body
-                continue
-            if op == _SETR:
-                v = int(regs[f.get("rb", 0)]) + int(regs[f.get("ra", 0)]) * f.get("mul", 0) + f.get("add", 0)
-                v = min(v & 0xFFFFFFFF, f.get("lim", 0))
-                if f.get("rd", 0):
-                    regs[f["rd"]] = v
-            elif op != _NOP:
-                self._issue(pc, ins)
-            pc += 1
-        return False
-
-    def _issue(self, i, ins):
-        u = ins.unit
-        start = self._free[u]
-        wait = ins.wait
-        if wait:
-            for pu in range(_NU):
-                if wait >> pu & 1:
-                    q = self._fifo[pu * _NU + u]
-                    if not q:
-                        raise DeadlockError(f"instruction {i} ({ins.op.name}) waits for a token from "
-                                            f"{_UNAMES[pu]} that no earlier instruction signalled (deadlock)")
-                    t = q.popleft()
-                    if t > start:
-                        start = t
-        cycles, reads, writes = self._do(i, ins)
-        cycles = max(1, int(math.ceil(cycles)))
-        if self.check_hazards:
-            wend, rend = self._wend, self._rend
-            for r in reads:
-                if wend.get(r, 0) > start:
-                    raise GoldenError(f"instruction {i} ({ins.op.name}) reads {_rname(r)} at cycle {start} "
-                                      f"before its writer finishes at {wend[r]} (missing dependency token)")
-            for w in writes:
-                t = max(wend.get(w, 0), rend.get(w, 0))
-                if t > start:
-                    raise GoldenError(f"instruction {i} ({ins.op.name}) writes {_rname(w)} at cycle {start} "
-                                      f"before earlier accesses finish at {t} (missing dependency token)")
-            end = start + cycles
-            for r in reads:
-                if rend.get(r, 0) < end:
-                    rend[r] = end
-            for w in writes:
-                wend[w] = end
-        end = start + cycles
-        self._free[u] = end
-        sig = ins.signal
-        if sig:
-            for cu in range(_NU):
-                if sig >> cu & 1:
-                    self._fifo[u * _NU + cu].append(end)
-        self._busy[u] += cycles
-        st = self._stats
-        name = ins.op.name if ins.name is None else ins.name
-        st.op_cycles[name] = st.op_cycles.get(name, 0) + cycles
-        st.op_count[name] = st.op_count.get(name, 0) + 1
-        st.instructions += 1
-
-    # -- operations: return (cycles, reads, writes) --------------------------------
-    def _do(self, i, ins):
-        op, f, p, regs = ins.opv, ins.f, self.p, self.regs
-        fn = self.functional
-        rr = f.get("rows_reg", 0)
-        rows = int(regs[rr]) if rr else 1
-        if op == _MV or op == _MM:
-            if op == _MV and rows != 1:
-                raise GoldenError(f"instruction {i} (MV): rows_reg gives {rows} rows, MV takes 1")
-            w = self.weight(i, ins)
-            n, k = f["n_out"], f["k_in"]
-            src, dst = f.get("src", 0), f.get("dst", 0)
-            if fn:
-                q, s = self._i8(i, ins, src, rows)
-                if q.shape[1] != k or s.shape[1] != 1:
-                    raise GoldenError(f"instruction {i} ({ins.op.name}): input {Buf(src).name} is {q.shape[1]} "
-                                      f"wide with {s.shape[1]} scales, tensor needs k_in={k}, one scale")
-                acc = mpe_matmul_fast(self._prepared(w), w.scales, q, p.acc_bits)
-                self.bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
-            kept = n * k * w.fmt.n_keep // w.fmt.m
-            passes = -(-rows // p.mm_tokens)
-            self._stats.weight_bytes += passes * w.nbytes
-            cyc = max(rows * kept / p.macs, passes * w.nbytes / p.hbm_weight_bytes_per_cycle)
-            return cyc, (src,), (dst,)
-        if op == _EMBED:
-            w = self.weight(i, ins)
-            n, k = f["n_out"], f["k_in"]
-            dst = f.get("dst", 0)
-            base = int(regs[f.get("pos_reg", 0)])
-            if base + rows > self.tokens.size:
-                raise GoldenError(f"instruction {i} (EMBED): token positions {base}..{base + rows - 1} "
-                                  f"beyond the token buffer ({self.tokens.size})")
-            if fn:
-                toks = self.tokens[base:base + rows]
-                if toks.min(initial=0) < 0 or toks.max(initial=0) >= n:
-                    raise GoldenError(f"instruction {i} (EMBED): token id out of range 0..{n - 1}")
-                g = w.fmt.group_size
-                sc = np.ldexp(w.scales[toks].astype(F32), -w.shift).astype(F32)
-                self.bufs[dst] = (w.q[toks].astype(F32).reshape(rows, k // g, g) * sc[..., None]).reshape(rows, k)
-            row_bytes = k // w.fmt.group_size * (w.fmt.block_bytes + 2)
-            self._stats.weight_bytes += rows * row_bytes
-            return rows * row_bytes / self.ch_bpc, (_TOK,), (dst,)
-        if op == _LD_KV or op == _ST_KV or op == _ST_OUT:
-            if not rr:
-                rows = f.get("rows", 0)
-            rb = f.get("row_bytes", 0)
-            addr = f.get("addr", 0) + int(regs[f.get("preg", 0)]) * f.get("pmul", 0)
-            nbytes = rows * rb
-            space = f.get("space", 0)
-            buf = f.get("buf", 0)
-            if op == _ST_OUT:
-                if space != _OUT:
-                    raise GoldenError(f"instruction {i} (ST_OUT): space must be OUT")
-                if fn:
-                    x = self._f32(i, ins, buf, rows)
-                    if x.shape[1] * 4 != rb:
-                        raise GoldenError(f"instruction {i} (ST_OUT): row_bytes {rb} != {x.shape[1]} x 4")
-                    if addr + nbytes > self.out.size:
-                        limit = self.plan["max_seq"] * self.plan["out_row_bytes"]
-                        if addr + nbytes > limit:
-                            raise GoldenError(f"instruction {i} (ST_OUT): address {addr}+{nbytes} beyond the "
-                                              "output region")
-                        grown = np.zeros(addr + nbytes, dtype=np.uint8)
-                        grown[:self.out.size] = self.out
-                        self.out = grown
-                    self.out[addr:addr + nbytes] = np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1)
-                self._stats.out_bytes += nbytes
-                return nbytes / (self.ch_bpc * p.kv_channels), (buf,), (_OUTR,)
-            if space != _KV:
-                raise GoldenError(f"instruction {i} ({ins.op.name}): space must be KV")
-            if addr + nbytes > self.plan["kv_bytes"]:
-                raise GoldenError(f"instruction {i} ({ins.op.name}): KV address {addr}+{nbytes} beyond the KV "
-                                  f"region of {self.plan['kv_bytes']} bytes")
-            self._stats.kv_bytes += nbytes
-            cyc = nbytes / (self.ch_bpc * p.kv_channels)
-            if op == _ST_KV:
-                if fn:
-                    q, s = self._i8(i, ins, buf, rows)
-                    if q.shape[1] + 4 * s.shape[1] != rb:
-                        raise GoldenError(f"instruction {i} (ST_KV): row_bytes {rb} does not match buffer "
-                                          f"{Buf(buf).name} ({q.shape[1]} values + {s.shape[1]} scales)")
-                    raw = np.concatenate([np.ascontiguousarray(q).view(np.uint8),
-                                          np.ascontiguousarray(s, dtype="<f4").view(np.uint8)], axis=1)
-                    self.kv[addr:addr + nbytes] = raw.reshape(-1)
-                return cyc, (buf,), (_KVR,)
-            if fn:
-                vals = rb - 4 * self.plan["kv_heads"]
-                raw = self.kv[addr:addr + nbytes].reshape(rows, rb)
-                self.bufs[buf] = (raw[:, :vals].copy().view(np.int8), raw[:, vals:].copy().view("<f4"))
-            return cyc, (_KVR,), (buf,)
-        if op == _QK or op == _PV:
-            h, kvh, hd, tile = f["heads"], f["kv_heads"], f["head_dim"], f["tile"]
-            off = int(regs[f.get("preg", 0)]) * f.get("pmul", 0)
-            src, kvb, dst = f.get("src", 0), f.get("kv", 0), f.get("dst", 0)
-            if op == _QK:
-                if fn:
-                    q, qs = self._i8(i, ins, src, rows)
-                    k, ks = self._i8(i, ins, kvb, tile)
-                    sc = sfu.qk_scores(q.reshape(rows, h, hd), qs, k.reshape(tile, kvh, hd), ks, f.get("scale", 0.0))
-                    S = self._scores(dst, rows, h)
-                    if off + tile > S.shape[2]:
-                        raise GoldenError(f"instruction {i} (QK): tile at {off} beyond the score buffer ({S.shape[2]})")
-                    S[:, :, off:off + tile] = sc
-                return rows * h * tile * hd / p.macs, (src, kvb), (dst,)
-            if fn:
-                S = self._scores(src, rows, h, create=False, i=i, ins=ins)
-                v, vs = self._i8(i, ins, kvb, tile)
-                a = self._f32(i, ins, dst, rows, h * hd)
-                valid = int(regs[f.get("len_reg", 0)]) + f.get("len_add", 0) + np.arange(rows) - off
-                out = sfu.pv_accumulate(a.reshape(rows, h, hd), S[:, :, off:off + tile], v.reshape(tile, kvh, hd),
-                                        vs, valid)
-                self.bufs[dst] = out.reshape(rows, h * hd)
-            used = np.clip(int(regs[f.get("len_reg", 0)]) + f.get("len_add", 0) + np.arange(rows) - off, 0, tile)
-            return int(used.sum()) * h * hd / p.sfu_lanes, (src, kvb, dst), (dst,)
-        # --- SFU element-wise / reductions
-        n = f.get("n", 0)
-        src, dst, src2 = f.get("src", 0), f.get("dst", 0), f.get("src2", 0)
-        lanes = p.sfu_lanes
-        if op == _RMSNORM:
-            if fn:
-                x = self._f32(i, ins, src, rows, n)
-                self.bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, f.get("table", 0), n), f.get("imm", 0.0), lanes)
-            return 2 * rows * n / lanes, (src, _TAB), (dst,)
-        if op == _QUANT:
-            if fn:
-                x = self._f32(i, ins, src, rows, n)
-                seg = f.get("seg", 0) or n
-                if n % seg:
-                    raise GoldenError(f"instruction {i} (QUANT): seg {seg} does not divide n {n}")
-                self.bufs[dst] = sfu.requantize(x, seg)
-            return 2 * rows * n / lanes, (src,), (dst,)
-        if op == _DEQUANT:
-            if fn:
-                q, s = self._i8(i, ins, src, rows)
-                self.bufs[dst] = sfu.dequantize(q[:, :n], s)
-            return rows * n / lanes, (src,), (dst,)
-        if op == _ROPE:
-            seg = f.get("seg", 0)
-            if fn:
-                if not seg or seg % 2 or n % seg:
-                    raise GoldenError(f"instruction {i} (ROPE): bad head_dim seg={seg} for n={n}")
-                x = self._f32(i, ins, src, rows, n)
-                pos = int(regs[f.get("aux_reg", 0)]) + np.arange(rows)
-                idx = f.get("table", 0) + pos[:, None] * seg + 2 * np.arange(seg // 2)[None, :]
-                if idx.max() + 1 >= self.tables.size:
-                    raise GoldenError(f"instruction {i} (ROPE): position {pos.max()} beyond the RoPE table")
-                y = sfu.rope(x.reshape(rows, n // seg, seg), self.tables[idx], self.tables[idx + 1])
-                self.bufs[dst] = y.reshape(rows, n)
-            return rows * n / lanes, (src, _TAB), (dst,)
-        if op == _SOFTMAX:
-            stride = f.get("imm", 0)
-            valid = int(regs[f.get("aux_reg", 0)]) + f.get("aux", 0) + np.arange(rows)
-            vmax = int(valid.max(initial=0))
-            if fn:
-                S = self._scores(src, rows, n, create=False, i=i, ins=ins)
-                if vmax > S.shape[2] or (stride and vmax > stride):
-                    raise GoldenError(f"instruction {i} (SOFTMAX): length {vmax} beyond the score buffer")
-                S[:, :, :vmax] = sfu.softmax_rows(S[:, :, :vmax], np.broadcast_to(valid[:, None], (rows, n)), lanes)
-            return 3 * n * int(valid.sum()) / lanes, (src,), (dst,)
-        if op == _ADD:
-            if fn:
-                self.bufs[dst] = self._f32(i, ins, src, rows, n) + self._f32(i, ins, src2, rows, n)
-            return rows * n / lanes, (src, src2), (dst,)
-        if op == _SILU_MUL:
-            if fn:
-                self.bufs[dst] = sfu.silu_mul(self._f32(i, ins, src, rows, n), self._f32(i, ins, src2, rows, n))
-            return rows * n / lanes, (src, src2), (dst,)
-        if op == _FILL:
-            if fn:
-                self.bufs[dst] = np.full((rows, n), f.get("imm", 0.0), dtype=F32)
-            return rows * n / lanes, (), (dst,)
-        if op == _ARGMAX:
-            if fn:
-                x = self._f32(i, ins, src, rows, n)
-                regs[_ARGMAX_REG] = int(sfu.argmax(x[rows - 1]))
-            return n / lanes, (src,), (_REGR,)
-        raise GoldenError(f"instruction {i}: opcode {ins.op.name} is not executable")
 
     def _scores(self, b, rows, heads, create=True, i=None, ins=None):
         S = self.bufs.get(b)
         shape_ok = isinstance(S, np.ndarray) and S.ndim == 3 and S.shape[0] >= rows and S.shape[1] == heads
         if not shape_ok:
             if not create:
-                raise GoldenError(f"instruction {i} ({ins.op.name}): score buffer {b.name} was not written")
+                raise GoldenError(f"instruction {i} ({ins.op.name}): score buffer {Buf(b).name} was not written")
             S = np.zeros((rows, heads, self.plan["max_seq"]), dtype=F32)
             self.bufs[b] = S
         return S if S.shape[0] == rows else S[:rows]
@@ -652,3 +349,394 @@ class Golden:
         if off + n > self.tables.size:
             raise GoldenError(f"instruction {i} ({ins.op.name}): table range {off}+{n} beyond tables.bin")
         return self.tables[off:off + n]
+
+    # -- execution ---------------------------------------------------------------
+    def _prepare(self, prog):
+        """The prepared form of ``prog`` for this machine (cached by identity)."""
+        hit = self._progs.get(id(prog))
+        if hit is not None and hit[0] is prog:
+            return hit[1]
+        out = []
+        for i, ins in enumerate(prog):
+            ci = _CI(ins)
+            if ci.kind == _K_OP:
+                ci.h, ci.reads, ci.writes = self._handler(i, ci)
+            out.append(ci)
+        if len(self._progs) > 16:
+            self._progs.clear()
+        self._progs[id(prog)] = (prog, out)
+        return out
+
+    def run(self, prog, regs: dict | None = None) -> RunStats:
+        """Run ``prog`` from the start with the given host registers; returns timing stats."""
+        for k, v in (regs or {}).items():
+            self.regs[Reg[k].value if isinstance(k, str) else int(k)] = int(v)
+        self.regs[0] = 0
+        st = RunStats()
+        self._stats = st
+        self._free = [0] * _NU
+        self._fifo = [deque() for _ in range(_NU * _NU)]
+        nres = _NBUF + len(_PSEUDO)
+        self._wend, self._rend = [0] * nres, [0] * nres
+        self._busy = [0] * _NU
+        nop = max(o.value for o in Opcode) + 1
+        self._opc, self._opn = [0] * nop, [0] * nop
+        self._prog = self._prepare(prog)
+        try:
+            ended = self._exec(0, len(prog), 0)
+        finally:
+            for u in range(_NU):
+                st.busy[_UNAMES[u]] += self._busy[u]
+            for o in Opcode:
+                if self._opn[o.value]:
+                    st.op_cycles[o.name] = self._opc[o.value]
+                    st.op_count[o.name] = self._opn[o.value]
+            st.instructions = sum(self._opn)
+        if not ended:
+            raise GoldenError("program ran past its last instruction without END")
+        st.cycles = max(self._free)
+        return st
+
+    def _barrier(self, where):
+        free = self._free
+        free[:] = [max(free)] * _NU
+        for idx, q in enumerate(self._fifo):
+            if q:
+                a, b = divmod(idx, _NU)
+                raise DeadlockError(f"{where}: {len(q)} token(s) from {_UNAMES[a]} to {_UNAMES[b]} never "
+                                    "consumed before a barrier (unbalanced wait/signal)")
+
+    def _exec(self, lo, hi, depth):
+        prog, regs = self._prog, self.regs
+        free, fifo, busy, opc, opn = self._free, self._fifo, self._busy, self._opc, self._opn
+        wend, rend = self._wend, self._rend
+        hz = self.check_hazards
+        ceil = math.ceil
+        pc = lo
+        while pc < hi:
+            ci = prog[pc]
+            kind = ci.kind
+            if kind == _K_OP:
+                u = ci.unit
+                start = free[u]
+                for qi, pu in ci.waits:
+                    q = fifo[qi]
+                    if not q:
+                        raise DeadlockError(f"instruction {pc} ({ci.op.name}) waits for a token from "
+                                            f"{_UNAMES[pu]} that no earlier instruction signalled (deadlock)")
+                    t = q.popleft()
+                    if t > start:
+                        start = t
+                cycles = ceil(ci.h())
+                if cycles < 1:
+                    cycles = 1
+                end = start + cycles
+                if hz:
+                    for r in ci.reads:
+                        if wend[r] > start:
+                            raise GoldenError(f"instruction {pc} ({ci.op.name}) reads {_rname(r)} at cycle {start} "
+                                              f"before its writer finishes at {wend[r]} (missing dependency token)")
+                    for w in ci.writes:
+                        t = wend[w] if wend[w] > rend[w] else rend[w]
+                        if t > start:
+                            raise GoldenError(f"instruction {pc} ({ci.op.name}) writes {_rname(w)} at cycle "
+                                              f"{start} before earlier accesses finish at {t} (missing "
+                                              "dependency token)")
+                    for r in ci.reads:
+                        if rend[r] < end:
+                            rend[r] = end
+                    for w in ci.writes:
+                        wend[w] = end
+                free[u] = end
+                for qi in ci.sigs:
+                    fifo[qi].append(end)
+                busy[u] += cycles
+                opc[ci.opv] += cycles
+                opn[ci.opv] += 1
+            elif kind == _K_SETR:
+                rb, ra, mul, add, lim, rd = ci.setr
+                v = regs[rb] + regs[ra] * mul + add
+                v = min(v & 0xFFFFFFFF, lim)
+                if rd:
+                    regs[rd] = v
+            elif kind == _K_LOOP:
+                body, ra, add, shr, idx = ci.loop
+                if pc + 1 + body > hi:
+                    raise GoldenError(f"instruction {pc} (LOOP): body of {body} runs past its enclosing block")
+                if depth >= LOOP_DEPTH:
+                    raise GoldenError(f"instruction {pc} (LOOP): nesting deeper than the loop stack ({LOOP_DEPTH})")
+                self._barrier(f"instruction {pc} (LOOP)")
+                trips = max(0, regs[ra] + add) >> shr
+                for j in range(trips):
+                    if idx:
+                        regs[idx] = j
+                    if self._exec(pc + 1, pc + 1 + body, depth + 1):
+                        return True
+                    self._barrier(f"instruction {pc} (LOOP back edge)")
+                pc += 1 + body
+                continue
+            elif kind == _K_END:
+                self._barrier(f"instruction {pc} (END)")
+                return True
+            pc += 1
+        return False
+
+    # -- operations: a handler () -> cycles per instruction, with its reads and writes --
+    def _handler(self, i, ins):
+        op, f, p, regs = ins.opv, ins.f, self.p, self.regs
+        fn = self.functional
+        bufs = self.bufs
+        rr = f.get("rows_reg", 0)
+        lanes = p.sfu_lanes
+        if op == _MV or op == _MM:
+            mv = op == _MV
+            src, dst = f.get("src", 0), f.get("dst", 0)
+            n, k = f.get("n_out", 0), f.get("k_in", 0)
+            acc_bits, mm_tokens, macs, hbm = p.acc_bits, p.mm_tokens, p.macs, p.hbm_weight_bytes_per_cycle
+            cell = []
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if mv and rows != 1:
+                    raise GoldenError(f"instruction {i} (MV): rows_reg gives {rows} rows, MV takes 1")
+                if not cell:
+                    w = self.weight(i, ins)
+                    kept = n * k * w.fmt.n_keep // w.fmt.m
+                    cell[:] = [w, kept, None]
+                w, kept, prep = cell
+                if fn:
+                    q, s = self._i8(i, ins, src, rows)
+                    if q.shape[1] != k or s.shape[1] != 1:
+                        raise GoldenError(f"instruction {i} ({ins.op.name}): input {Buf(src).name} is "
+                                          f"{q.shape[1]} wide with {s.shape[1]} scales, tensor needs k_in={k}, "
+                                          "one scale")
+                    if prep is None:
+                        prep = cell[2] = self._prepared(w)
+                    acc = mpe_accumulate(prep, q, acc_bits)
+                    bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
+                passes = -(-rows // mm_tokens)
+                self._stats.weight_bytes += passes * w.nbytes
+                return max(rows * kept / macs, passes * w.nbytes / hbm)
+            return h, (src,), (dst,)
+        if op == _EMBED:
+            n, k = f.get("n_out", 0), f.get("k_in", 0)
+            dst, preg = f.get("dst", 0), f.get("pos_reg", 0)
+            ch_bpc = self.ch_bpc
+
+            def h():
+                rows = regs[rr] if rr else 1
+                w = self.weight(i, ins)
+                base = regs[preg]
+                if base + rows > self.tokens.size:
+                    raise GoldenError(f"instruction {i} (EMBED): token positions {base}..{base + rows - 1} "
+                                      f"beyond the token buffer ({self.tokens.size})")
+                if fn:
+                    toks = self.tokens[base:base + rows]
+                    if toks.min(initial=0) < 0 or toks.max(initial=0) >= n:
+                        raise GoldenError(f"instruction {i} (EMBED): token id out of range 0..{n - 1}")
+                    g = w.fmt.group_size
+                    sc = np.ldexp(w.scales[toks].astype(F32), -w.shift).astype(F32)
+                    bufs[dst] = (w.q[toks].astype(F32).reshape(rows, k // g, g) * sc[..., None]).reshape(rows, k)
+                row_bytes = k // w.fmt.group_size * (w.fmt.block_bytes + 2)
+                self._stats.weight_bytes += rows * row_bytes
+                return rows * row_bytes / ch_bpc
+            return h, (_TOK,), (dst,)
+        if op == _LD_KV or op == _ST_KV or op == _ST_OUT:
+            rb, addr0, preg, pmul = f.get("row_bytes", 0), f.get("addr", 0), f.get("preg", 0), f.get("pmul", 0)
+            space, buf = f.get("space", 0), f.get("buf", 0)
+            rows0 = f.get("rows", 0)
+            bpc = self.ch_bpc * p.kv_channels
+            if op == _ST_OUT:
+                def h():
+                    rows = regs[rr] if rr else rows0
+                    addr = addr0 + regs[preg] * pmul
+                    nbytes = rows * rb
+                    if space != _OUT:
+                        raise GoldenError(f"instruction {i} (ST_OUT): space must be OUT")
+                    if fn:
+                        x = self._f32(i, ins, buf, rows)
+                        if x.shape[1] * 4 != rb:
+                            raise GoldenError(f"instruction {i} (ST_OUT): row_bytes {rb} != {x.shape[1]} x 4")
+                        if addr + nbytes > self.out.size:
+                            limit = self.plan["max_seq"] * self.plan["out_row_bytes"]
+                            if addr + nbytes > limit:
+                                raise GoldenError(f"instruction {i} (ST_OUT): address {addr}+{nbytes} beyond "
+                                                  "the output region")
+                            grown = np.zeros(addr + nbytes, dtype=np.uint8)
+                            grown[:self.out.size] = self.out
+                            self.out = grown
+                        self.out[addr:addr + nbytes] = np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1)
+                    self._stats.out_bytes += nbytes
+                    return nbytes / bpc
+                return h, (buf,), (_OUTR,)
+            kv_bytes, kv_heads = self.plan["kv_bytes"], self.plan["kv_heads"]
+
+            def common():
+                rows = regs[rr] if rr else rows0
+                addr = addr0 + regs[preg] * pmul
+                nbytes = rows * rb
+                if space != _KV:
+                    raise GoldenError(f"instruction {i} ({ins.op.name}): space must be KV")
+                if addr + nbytes > kv_bytes:
+                    raise GoldenError(f"instruction {i} ({ins.op.name}): KV address {addr}+{nbytes} beyond the KV "
+                                      f"region of {kv_bytes} bytes")
+                self._stats.kv_bytes += nbytes
+                return rows, addr, nbytes
+            if op == _ST_KV:
+                def h():
+                    rows, addr, nbytes = common()
+                    if fn:
+                        q, s = self._i8(i, ins, buf, rows)
+                        if q.shape[1] + 4 * s.shape[1] != rb:
+                            raise GoldenError(f"instruction {i} (ST_KV): row_bytes {rb} does not match buffer "
+                                              f"{Buf(buf).name} ({q.shape[1]} values + {s.shape[1]} scales)")
+                        dst = self.kv[addr:addr + nbytes].reshape(rows, rb)
+                        dst[:, :q.shape[1]] = q.view(np.uint8)
+                        dst[:, q.shape[1]:] = np.ascontiguousarray(s, dtype="<f4").view(np.uint8)
+                    return nbytes / bpc
+                return h, (buf,), (_KVR,)
+
+            def h():
+                rows, addr, nbytes = common()
+                if fn:
+                    vals = rb - 4 * kv_heads
+                    raw = self.kv[addr:addr + nbytes].reshape(rows, rb)
+                    bufs[buf] = (raw[:, :vals].copy().view(np.int8), raw[:, vals:].copy().view("<f4"))
+                return nbytes / bpc
+            return h, (_KVR,), (buf,)
+        if op == _QK or op == _PV:
+            hh, kvh, hd, tile = f.get("heads", 0), f.get("kv_heads", 0), f.get("head_dim", 0), f.get("tile", 0)
+            preg, pmul = f.get("preg", 0), f.get("pmul", 0)
+            src, kvb, dst = f.get("src", 0), f.get("kv", 0), f.get("dst", 0)
+            macs = p.macs
+            if op == _QK:
+                scale = f.get("scale", 0.0)
+
+                def h():
+                    rows = regs[rr] if rr else 1
+                    if fn:
+                        off = regs[preg] * pmul
+                        q, qs = self._i8(i, ins, src, rows)
+                        k, ks = self._i8(i, ins, kvb, tile)
+                        sc = sfu.qk_scores(q.reshape(rows, hh, hd), qs, k.reshape(tile, kvh, hd), ks, scale)
+                        S = self._scores(dst, rows, hh)
+                        if off + tile > S.shape[2]:
+                            raise GoldenError(f"instruction {i} (QK): tile at {off} beyond the score buffer "
+                                              f"({S.shape[2]})")
+                        S[:, :, off:off + tile] = sc
+                    return rows * hh * tile * hd / macs
+                return h, (src, kvb), (dst,)
+            len_reg, len_add = f.get("len_reg", 0), f.get("len_add", 0)
+
+            def h():
+                rows = regs[rr] if rr else 1
+                off = regs[preg] * pmul
+                first = regs[len_reg] + len_add - off            # valid positions of row 0 in this tile
+                if fn:
+                    S = self._scores(src, rows, hh, create=False, i=i, ins=ins)
+                    v, vs = self._i8(i, ins, kvb, tile)
+                    a = self._f32(i, ins, dst, rows, hh * hd)
+                    valid = first + np.arange(rows)
+                    out = sfu.pv_accumulate(a.reshape(rows, hh, hd), S[:, :, off:off + tile],
+                                            v.reshape(tile, kvh, hd), vs, valid)
+                    bufs[dst] = out.reshape(rows, hh * hd)
+                used = sum(min(max(first + t, 0), tile) for t in range(rows))
+                return used * hh * hd / lanes
+            return h, (src, kvb, dst), (dst,)
+        # --- SFU element-wise / reductions
+        n = f.get("n", 0)
+        src, dst, src2 = f.get("src", 0), f.get("dst", 0), f.get("src2", 0)
+        if op == _RMSNORM:
+            toff, eps = f.get("table", 0), f.get("imm", 0.0)
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    x = self._f32(i, ins, src, rows, n)
+                    bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes)
+                return 2 * rows * n / lanes
+            return h, (src, _TAB), (dst,)
+        if op == _QUANT:
+            seg = f.get("seg", 0) or n
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    x = self._f32(i, ins, src, rows, n)
+                    if n % seg:
+                        raise GoldenError(f"instruction {i} (QUANT): seg {seg} does not divide n {n}")
+                    bufs[dst] = sfu.requantize(x, seg)
+                return 2 * rows * n / lanes
+            return h, (src,), (dst,)
+        if op == _DEQUANT:
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    q, s = self._i8(i, ins, src, rows)
+                    bufs[dst] = sfu.dequantize(q[:, :n], s)
+                return rows * n / lanes
+            return h, (src,), (dst,)
+        if op == _ROPE:
+            seg, toff, aux = f.get("seg", 0), f.get("table", 0), f.get("aux_reg", 0)
+            pair = 2 * np.arange(seg // 2) if seg > 0 else None
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    if not seg or seg % 2 or n % seg:
+                        raise GoldenError(f"instruction {i} (ROPE): bad head_dim seg={seg} for n={n}")
+                    x = self._f32(i, ins, src, rows, n)
+                    pos = regs[aux] + np.arange(rows)
+                    idx = toff + pos[:, None] * seg + pair[None, :]
+                    if idx.max() + 1 >= self.tables.size:
+                        raise GoldenError(f"instruction {i} (ROPE): position {pos.max()} beyond the RoPE table")
+                    y = sfu.rope(x.reshape(rows, n // seg, seg), self.tables[idx], self.tables[idx + 1])
+                    bufs[dst] = y.reshape(rows, n)
+                return rows * n / lanes
+            return h, (src, _TAB), (dst,)
+        if op == _SOFTMAX:
+            stride, aux, aux_add = f.get("imm", 0), f.get("aux_reg", 0), f.get("aux", 0)
+
+            def h():
+                rows = regs[rr] if rr else 1
+                v0 = regs[aux] + aux_add
+                vmax = max(v0 + rows - 1, 0) if rows > 0 else 0
+                if fn:
+                    valid = v0 + np.arange(rows)
+                    S = self._scores(src, rows, n, create=False, i=i, ins=ins)
+                    if vmax > S.shape[2] or (stride and vmax > stride):
+                        raise GoldenError(f"instruction {i} (SOFTMAX): length {vmax} beyond the score buffer")
+                    S[:, :, :vmax] = sfu.softmax_rows(S[:, :, :vmax], np.broadcast_to(valid[:, None], (rows, n)),
+                                                      lanes)
+                return 3 * n * (rows * v0 + rows * (rows - 1) // 2) / lanes
+            return h, (src,), (dst,)
+        if op == _ADD or op == _SILU_MUL:
+            kern = np.add if op == _ADD else sfu.silu_mul
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    bufs[dst] = kern(self._f32(i, ins, src, rows, n), self._f32(i, ins, src2, rows, n))
+                return rows * n / lanes
+            return h, (src, src2), (dst,)
+        if op == _FILL:
+            imm = f.get("imm", 0.0)
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    bufs[dst] = np.full((rows, n), imm, dtype=F32)
+                return rows * n / lanes
+            return h, (), (dst,)
+        if op == _ARGMAX:
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    x = self._f32(i, ins, src, rows, n)
+                    regs[_ARGMAX_REG] = int(sfu.argmax(x[rows - 1]))
+                return n / lanes
+            return h, (src,), (_REGR,)
+
+        def h():
+            raise GoldenError(f"instruction {i}: opcode {ins.op.name} is not executable")
+        return h, (), ()

@@ -75,15 +75,25 @@ _TINY = F32(2.0 ** -126)
 _Q = F32(127.0)
 
 
+_ZERO = F32(0.0)
+_INF = F32(np.inf)
+_M127 = F32(-127.0)
+
+
 def lane_sum(x: np.ndarray, lanes: int) -> np.ndarray:
     """Sum over the last axis in the SFU's fixed order (see the module docstring)."""
     x = np.asarray(x, dtype=F32)
     n = x.shape[-1]
     lead = x.shape[:-1]
     steps = max(1, -(-n // lanes))
-    flat = np.zeros(lead + ((steps + 1) * lanes,), dtype=F32)       # step 0: the +0.0 start
-    flat[..., lanes:lanes + n] = x
-    acc = np.add.accumulate(flat.reshape(lead + (steps + 1, lanes)), axis=-2)[..., -1, :]
+    if n == steps * lanes:
+        # lane j: ((x[j] + x[j+L]) + ...) + 0.0 equals (((+0.0 + x[j]) + x[j+L]) + ...): the
+        # +0.0 start only turns an all-(-0.0) lane into +0.0, and so does the final + 0.0
+        acc = np.add.accumulate(x.reshape(lead + (steps, lanes)), axis=-2)[..., -1, :] + _ZERO
+    else:
+        flat = np.zeros(lead + ((steps + 1) * lanes,), dtype=F32)       # step 0: the +0.0 start
+        flat[..., lanes:lanes + n] = x
+        acc = np.add.accumulate(flat.reshape(lead + (steps + 1, lanes)), axis=-2)[..., -1, :]
     width = 1 << max(0, (lanes - 1).bit_length())
     if width != lanes:
         acc = np.concatenate([acc, np.zeros(lead + (width - lanes,), F32)], axis=-1)
@@ -98,16 +108,22 @@ def requantize(x: np.ndarray, seg: int | None = None):
     n = x.shape[-1]
     seg = n if not seg else seg
     xs = x.reshape(x.shape[:-1] + (n // seg, seg))
-    absmax = np.abs(xs).max(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(absmax > 0, _Q / absmax, F32(0)).astype(F32)
-        scale = (absmax / _Q).astype(F32)
-    q = np.clip(np.rint(xs * inv[..., None]), -127, 127).astype(np.int8)
-    return q.reshape(x.shape), scale
+    absmax = np.maximum.reduce(np.abs(xs), axis=-1)
+    if absmax.all():
+        inv = _Q / absmax
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(absmax > 0, _Q / absmax, _ZERO).astype(F32)
+    scale = absmax / _Q
+    t = xs * inv[..., None]
+    np.rint(t, out=t)
+    np.maximum(t, _M127, out=t)             # = clip(t, -127, 127), NaN kept as in np.clip
+    np.minimum(t, _Q, out=t)
+    return t.astype(np.int8).reshape(x.shape), scale
 
 
 def mpe_to_float(acc: np.ndarray, x_scale: np.ndarray, shift: int) -> np.ndarray:
-    """int48 accumulators (T, N) and per-row activation scales (T,) -> float32."""
+    """int48 accumulators (T, N) (int64, or exact float64) and per-row activation scales (T,) -> float32."""
     s = np.ldexp(np.asarray(x_scale, dtype=F32), -shift).astype(F32)
     return np.asarray(acc, dtype=np.float64).astype(F32) * s[..., None]
 
@@ -139,37 +155,60 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def exp(x: np.ndarray) -> np.ndarray:
     """float32 exp by the documented range reduction and polynomial."""
-    x = np.asarray(x, dtype=F32)
+    x = np.ascontiguousarray(x, dtype=F32)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        xc = np.clip(x, _EXP_LO, _EXP_HI)
-        k = np.rint(xc * _LOG2E)
-        f = (xc - k * _LN2_HI) - k * _LN2_LO
-        p = np.full_like(f, _POLY[0])
-        for c in _POLY[1:]:
-            p = p * f + c
-        y = np.ldexp(p, k.astype(np.int32)).astype(F32)
-        y = np.where(y < _TINY, F32(0), y)
-        y = np.where(x >= _EXP_HI, F32(np.inf), y)
-        y = np.where(x <= _EXP_LO, F32(0), y)
-        y = np.where(np.isnan(x), x, y)
-    return y.astype(F32)
+        xc = np.maximum(x, _EXP_LO)              # = clip(x, LO, HI), NaN kept
+        np.minimum(xc, _EXP_HI, out=xc)
+        k = xc * _LOG2E
+        np.rint(k, out=k)
+        f = xc - k * _LN2_HI
+        f -= k * _LN2_LO
+        p = f * _POLY[0]                        # = full(POLY[0]) * f
+        p += _POLY[1]
+        for c in _POLY[2:]:
+            p *= f
+            p += c
+        y = np.ldexp(p, k.astype(np.int32))
+        if y.dtype != F32:
+            y = y.astype(F32)
+        np.copyto(y, _ZERO, where=y < _TINY)
+        for m, v in ((x >= _EXP_HI, _INF), (x <= _EXP_LO, _ZERO)):
+            if m.any():
+                np.copyto(y, v, where=m)
+        m = np.isnan(x)
+        if m.any():
+            np.copyto(y, x, where=m)
+    return y
 
 
 def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     g = np.asarray(g, dtype=F32)
+    d = exp(-g)
+    d += F32(1.0)
     with np.errstate(over="ignore"):
-        return (g / (F32(1.0) + exp(-g))) * np.asarray(u, dtype=F32)
+        r = g / d
+    r *= np.asarray(u, dtype=F32)
+    return r
 
 
 def softmax_rows(s: np.ndarray, valid: np.ndarray, lanes: int) -> np.ndarray:
     """s (..., S) float32; entries ``>= valid`` (broadcast over the last axis) are masked."""
     s = np.asarray(s, dtype=F32)
-    mask = np.arange(s.shape[-1]) < np.asarray(valid)[..., None]
+    valid = np.asarray(valid)
+    if valid.size and valid.min() >= s.shape[-1]:          # nothing masked (decode): the same values
+        m = np.maximum.reduce(s, axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -_INF)
+        with np.errstate(invalid="ignore", over="ignore"):
+            e = exp(s - m)
+            d = lane_sum(e, lanes)
+            e /= d[..., None]
+        return e
+    mask = np.arange(s.shape[-1]) < valid[..., None]
     m = np.where(mask, s, F32(-np.inf)).max(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", over="ignore"):
         e = np.where(mask, exp(np.where(mask, s - m, F32(0))), F32(0))
     d = lane_sum(e, lanes)
-    return np.where(mask, e / d[..., None], F32(0)).astype(F32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mask, e / d[..., None], F32(0)).astype(F32)
 
 
 def qk_scores(q: np.ndarray, qs: np.ndarray, k: np.ndarray, ks: np.ndarray, c: float) -> np.ndarray:
@@ -188,19 +227,30 @@ def qk_scores(q: np.ndarray, qs: np.ndarray, k: np.ndarray, ks: np.ndarray, c: f
 def pv_accumulate(a: np.ndarray, p: np.ndarray, v: np.ndarray, vs: np.ndarray, valid=None) -> np.ndarray:
     """a (T, H, D) += sum over positions (in order) of p (T, H, P) * dequant(v (P, KVH, D)).
 
-    ``valid`` (T,): row t only adds positions ``< valid[t]`` (the others are skipped).
+    ``valid`` (T,): row t only adds positions ``< valid[t]``; each skipped position
+    adds +0.0 instead (which changes nothing but a -0.0 sum into +0.0).
     """
     t, h, d = a.shape
+    P = p.shape[-1]
     kvh = v.shape[1]
     rep = h // kvh
-    vd = v.astype(F32) * vs[..., None].astype(F32)                         # (P, KVH, D)
-    vd = np.repeat(vd, rep, axis=1)                                        # (P, H, D)
-    prods = p.transpose(2, 0, 1)[..., None].astype(F32) * vd[:, None]      # (P, T, H, D)
-    if valid is not None:
-        keep = np.arange(p.shape[-1])[:, None] < np.asarray(valid)[None, :]    # (P, T)
+    if valid is None:
+        valid = np.full(t, P)
+    valid = np.clip(np.asarray(valid), 0, P)
+    nv = int(valid.max(initial=0))            # positions nobody adds are +0.0 for every row
+    vd = v[:nv].astype(F32) * vs[:nv, :, None].astype(F32)                  # (nv, KVH, D)
+    pp = p[..., :nv].reshape(t, kvh, rep, nv).transpose(3, 0, 1, 2)[..., None].astype(F32)
+    prods = (pp * vd[:, None, :, None, :]).reshape(nv, t, h, d)             # (nv, T, H, D)
+    if nv and valid.min() < nv:
+        keep = np.arange(nv)[:, None] < valid[None, :]                     # (nv, T)
         prods = np.where(keep[:, :, None, None], prods, F32(0))
-    seq = np.concatenate([a[None].astype(F32), prods], axis=0)
-    return np.add.accumulate(seq, axis=0)[-1]
+    out = np.array(a, dtype=F32)
+    for i in range(nv):                                                    # in position order
+        out += prods[i]
+    short = valid < P
+    if short.any():
+        out = np.where(short[:, None, None], out + F32(0), out)
+    return out
 
 
 def argmax(x: np.ndarray) -> np.ndarray:

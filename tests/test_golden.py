@@ -82,10 +82,11 @@ def test_mv_mm_match_arith_reference(fmt, op, rows):
     want = acc.astype(np.float64).astype(F32) * np.ldexp(xs, -sh).astype(F32)
     np.testing.assert_array_equal(g.bufs[Buf.Y.value], want)
     from flightllm.runtime.arith import mpe_matmul, prepare_weights
-    from flightllm.runtime.golden import mpe_matmul_fast
-    wg = prepare_weights(q, p.group_size)
-    assert np.array_equal(mpe_matmul_fast(wg, s, x), mpe_matmul(wg, s, x))
-    assert np.array_equal(mpe_matmul_fast(wg, s, x[0]), mpe_matmul(wg, s, x[0]))
+    wg = prepare_weights(q, s, p.group_size)
+    assert np.array_equal(mpe_matmul(wg, x), acc)
+    assert np.array_equal(mpe_matmul(wg, x[0]), acc[0])
+    for bits in (24, 30):                                          # the wrap of a narrow accumulator
+        assert np.array_equal(mpe_matmul(wg, x, bits), mpe_scale_accumulate(mpe_psums(q, x, p.group_size), s, bits))
     assert st.cycles >= math.ceil(pt.channel_bytes * p.weight_channels / p.hbm_weight_bytes_per_cycle)
 
 
@@ -305,3 +306,70 @@ def test_wrong_tensor_reference_and_long_prompt(tiny_art):
     drv.dev.machine.write_tokens(0, [40])
     with pytest.raises(GoldenError, match="no tensor at w_off"):
         drv.dev.machine.run(bad, {"POS": 0})
+
+
+# --------------------------------------------------------------------------- prefill_last
+def test_prefill_last_is_the_last_row_of_prefill(tiny_art):
+    _, art = tiny_art
+    drv = Driver(art)
+    vocab = drv.vocab
+    toks = [40, 41, 50, 60, 70, 80, 33, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 35] * 2
+    for n in (1, 2, 15, 16, 17, 33):
+        drv.reset()
+        full = drv.prefill(toks[:n], all_logits=True)
+        am_full, st_full = drv.last_argmax, drv.stats[-1][2]
+        drv.reset()
+        last = drv.prefill(toks[:n])
+        st_last = drv.stats[-1][2]
+        np.testing.assert_array_equal(last, full[-1])
+        assert drv.last_argmax == am_full == int(np.argmax(full[-1]))
+        assert st_last.out_bytes == 4 * vocab and st_full.out_bytes == 4 * vocab * n
+        assert st_last.op_count["ARGMAX"] == 1
+    # the KV cache it leaves behind is the same: the next decode step matches
+    drv.reset()
+    drv.prefill(toks[:17], all_logits=True)
+    a = drv.step(44)
+    drv.reset()
+    drv.prefill(toks[:17])
+    np.testing.assert_array_equal(drv.step(44), a)
+
+
+# --------------------------------------------------------------------------- buffers
+def test_buffer_bounds_are_checked():
+    import dataclasses
+    from flightllm.compiler.gguf_import import ModelConfig
+    from flightllm.compiler.schedule import ScheduleError, check_buffers
+    cfg = ModelConfig(name="t", n_layers=1, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
+                      context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
+    sim = get_preset("sim")
+    sizes = check_buffers(shape_manifest(cfg, sim, "int8"))
+    assert sizes[Buf.S] == (sim.mm_tokens, 4 * 128) and sizes[Buf.KT] == (sim.kv_tile, 64)
+    small = dataclasses.replace(sim, act_buf_depth=256)
+    with pytest.raises(ValueError, match=r"buffer S: 16 rows x 512 elements \(heads x max_seq scores\) per row "
+                                         r"exceed act_buf_depth = 256"):
+        build_programs(shape_manifest(cfg, small, "int8"))
+    big_vocab = dataclasses.replace(cfg, vocab=9000)
+    with pytest.raises(ScheduleError, match="buffer LOG: 16 rows x 9000 elements per row exceed act_buf_depth = 8192"):
+        build_programs(shape_manifest(big_vocab, sim, "int8"))
+    assert set(build_programs(shape_manifest(big_vocab, sim, "int8"), check=False)) == {
+        "decode", "prefill", "prefill_last"}
+
+
+def test_writer_layout_is_the_written_manifest(tmp_path):
+    from flightllm.compiler.artifact import ArtifactWriter
+    from flightllm.compiler.gguf_import import ModelConfig
+    p = get_preset("sim")
+    cfg = ModelConfig(name="t", n_layers=1, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
+                      context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
+    w = ArtifactWriter(p, cfg, "w8")
+    rng = np.random.default_rng(4)
+    for name, shape in (("a", (12, 128)), ("b", (5, 64))):
+        wf = WeightFormat.parse("int8", p.group_size)
+        q, s, sh = quantize_groups(rng.standard_normal(shape).astype(F32), wf)
+        w.add_tensor(name, q, s, sh, wf)
+    w.add_table("t1", np.ones(7))
+    w.add_table("t2", np.ones((3, 2)))
+    lay = manifest_preview(w)
+    m = Artifact(w.write(tmp_path / "art")).manifest
+    assert lay == {k: m[k] for k in ("model", "hw", "tensors", "tables")}
+    assert lay["tensors"]["b"]["offset"] > 0 and lay["tables"]["t2"]["offset"] == 28
