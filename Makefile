@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) -m flightllm build-hw --preset sim -o $(OUT)/hw-sim
 	$(PY) -m flightllm compile -o $(OUT)/smollm2-$(PRESET) --preset $(PRESET) --hw $(HW)
 	$(PY) -m flightllm info $(OUT)/smollm2-$(PRESET)
-	$(PY) -m flightllm generate --artifact $(OUT)/smollm2-$(PRESET) --max-new-tokens 48 \
+	$(PY) -m flightllm generate --artifact $(OUT)/smollm2-$(PRESET) --max-new-tokens 64 --chat \
 	    --prompt "What is the capital of France? Answer in one sentence."
 
 test: $(STAMP)

@@ -15,7 +15,11 @@ __all__ = ["add_cli", "resolve_artifact", "cache_dir"]
 # (A compressor change does not invalidate a cached artifact: it is self-consistent;
 # delete the cache or pass --artifact to pick up a new compressor.)
 # The ISA enters through its generated field table (the encoding), not its source text.
-_SOURCES = ("hw/formats.py", "compiler/schedule.py", "compiler/artifact.py")
+# Everything that decides an artifact's bytes: a cached compile is reused only while
+# these are unchanged (the compressor included, so no stale weights are ever served).
+_SOURCES = ("hw/formats.py", "hw/params.py", "compiler/schedule.py", "compiler/artifact.py",
+            "compiler/compress.py", "compiler/obs.py", "compiler/compile.py",
+            "compiler/data/calibration.txt")
 
 
 def cache_dir() -> Path:
@@ -93,7 +97,10 @@ def _stream(drv, ids, args, out=None, reuse=False):
 
 def _cmd_generate(args) -> int:
     drv = _driver(args)
-    ids = drv.tok.encode(args.prompt)
+    prompt = args.prompt
+    if args.chat:            # one user turn in the model's own chat template
+        prompt = drv.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = drv.tok.encode(prompt)
     drv.check_room(len(ids), args.max_new_tokens)
     if args.echo:
         sys.stdout.write(args.prompt)
@@ -195,7 +202,9 @@ def add_cli(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt on a backend (golden model by default)",
                        description="Tokenize the prompt, prefill it, and decode new tokens, printing them "
                                    "as they are generated.")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="text to continue (or, with --chat, a user message)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user turn of the model's chat template")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     _common(g)
     g.set_defaults(func=_fix_hw(_cmd_generate))

@@ -104,3 +104,11 @@ def smollm2_tokenizer():
     from flightllm.compiler.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_w8_artifact(smollm2):
+    """SmolLM2 compiled with preset w8 for u280, once per code version (flightllm cache)."""
+    from flightllm.runtime.cli import resolve_artifact
+
+    return resolve_artifact(None, "w8", "u280", quiet=True)

@@ -44,6 +44,14 @@ def test_generate_streams_and_is_deterministic(art, capsys):
     assert "generated tokens" in err and "tok/s on sim" in err
 
 
+def test_generate_chat_wraps_the_prompt_in_the_template(art, capsys):
+    assert main(["generate", "--artifact", str(art), "--prompt", "hi", "--chat", "--max-new-tokens", "4", "-q"]) == 0
+    chat = capsys.readouterr().out
+    templated = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"     # the ChatML fallback
+    assert main(["generate", "--artifact", str(art), "--prompt", templated, "--max-new-tokens", "4", "-q"]) == 0
+    assert capsys.readouterr().out == chat
+
+
 def test_chat_with_piped_stdin(art, capsys, monkeypatch):
     import io
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\nhow are you\n/exit\n"))

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from flightllm.compiler.reference import FloatLlama, perplexity
-from flightllm.runtime.cli import resolve_artifact
 from flightllm.runtime.driver import Driver
 
 pytestmark = pytest.mark.model
@@ -20,8 +19,8 @@ TEXT = Path(__file__).resolve().parent.parent / "bench" / "data" / "gpl-3.0.txt"
 
 
 @pytest.fixture(scope="module")
-def smol_driver(smollm2):
-    return Driver(resolve_artifact(None, "w8", "u280", quiet=True))
+def smol_driver(smollm2_w8_artifact):
+    return Driver(smollm2_w8_artifact)
 
 
 def test_capital_of_france_greedy(smol_driver, smollm2, smollm2_tokenizer):
