@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..compiler.reference import apply_rope
+
 __all__ = ["F32", "lane_sum", "requantize", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
            "softmax_rows", "qk_scores", "pv_accumulate", "argmax", "dequantize"]
 
@@ -143,14 +145,9 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, lanes: int) -> np.ndarray:
     return (x * r[..., None]) * np.asarray(w, dtype=F32)
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x (T, H, D), cos/sin (T, D/2) float32 -> rotated adjacent pairs."""
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
-    return out
+# RoPE is four float32 products and two sums per pair, each correctly rounded, so the
+# float reference's function *is* the SFU's: one definition serves both.
+rope = apply_rope
 
 
 def exp(x: np.ndarray) -> np.ndarray:

@@ -112,3 +112,17 @@ def smollm2_w8_artifact(smollm2):
     from flightllm.runtime.cli import resolve_artifact
 
     return resolve_artifact(None, "w8", "u280", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """Point the flightllm artifact cache at a temp dir for one test module."""
+    import os
+
+    old = os.environ.get("FLIGHTLLM_CACHE")
+    os.environ["FLIGHTLLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["FLIGHTLLM_CACHE"]
+    else:
+        os.environ["FLIGHTLLM_CACHE"] = old

@@ -30,15 +30,8 @@ F32 = np.float32
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    import os
-    old = os.environ.get("FLIGHTLLM_CACHE")
-    os.environ["FLIGHTLLM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def _cache(isolated_cache):
     yield
-    if old is None:
-        del os.environ["FLIGHTLLM_CACHE"]
-    else:
-        os.environ["FLIGHTLLM_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
