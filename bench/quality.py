@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-gptq", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
                    "w4-2:4-mlp-rtn", "w4-2:4", "w4-2:8-mlp", "w4-1:4-mlp", "w3",
-                   "mixed-4.4b", "mixed-3.5b", "mixed-3b"]
+                   "mixed-4.4b", "mixed-4b", "mixed-3.6b"]
 
 
 def main(argv=None):
@@ -42,7 +42,14 @@ def main(argv=None):
     ap.add_argument("--presets", default=",".join(DEFAULT_PRESETS))
     ap.add_argument("--max-tokens", type=int, default=0, help="truncate the text (0 = all)")
     ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of docs/quality.json for presets not measured in this run")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if args.merge and (out / "quality.json").is_file():
+        kept = json.loads((out / "quality.json").read_text())["rows"]
 
     model = load_gguf()
     tok = Tokenizer.from_gguf(model.path)
@@ -83,9 +90,18 @@ def main(argv=None):
         rows.append(row)
         print(f"{name}: {row['bytes_per_param']:.4f} B/param, ppl {row['ppl']:.4f} "
               f"({row['delta_pct']:+.2f}%), {row['seconds']:.0f}s", flush=True)
+        _write(out, model, text_path, args, argv, ref, _merged(kept, rows))   # a crash keeps what is done
+    _write(out, model, text_path, args, argv, ref, _merged(kept, rows), plot=True)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _merged(kept, rows):
+    done = {r["preset"] for r in rows}
+    order = ["float"] + DEFAULT_PRESETS
+    allr = [r for r in kept if r["preset"] not in done] + rows
+    return sorted(allr, key=lambda r: order.index(r["preset"]) if r["preset"] in order else len(order))
+
+
+def _write(out, model, text_path, args, argv, ref, rows, plot=False):
     meta = {"model": model.config.name, "text": str(text_path.relative_to(ROOT)), "context": args.context,
             "tokens": ref["tokens"], "command": "python bench/quality.py " + " ".join(argv or sys.argv[1:]),
             "python": platform.python_version(), "numpy": np.__version__}
@@ -103,8 +119,9 @@ def main(argv=None):
         lines.append(f"| {r['preset']} | {r['bytes_per_param']:.4f} | {r['ppl']:.3f} | "
                      f"{r['delta_pct']:+.2f}% | {fm} | {r['description']} |")
     atomic_write(out / "quality.md", "\n".join(lines) + "\n")
-    _plot(rows, out / "quality.png")
-    print("\n".join(lines))
+    if plot:
+        _plot(rows, out / "quality.png")
+        print("\n".join(lines))
 
 
 def _plot(rows, path):
