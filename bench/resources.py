@@ -122,6 +122,9 @@ def main(argv=None):
     ap.add_argument("--work", default=str(ROOT / "sim_build" / "yosys"))
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the Markdown from resources.json")
+    ap.add_argument("--units", default=None,
+                    help="comma-separated units to re-synthesise (sim_mpe, u280_chain, u280_dequant, "
+                         "u280_slice); the others are taken from the existing resources.json")
     a = ap.parse_args(argv)
     work = pathlib.Path(a.work)
     flags = SYNTH
@@ -132,17 +135,27 @@ def main(argv=None):
         shared, full = res["u280_shared"], res["u280_full_estimate"]
         return write(res, shared, full, u, a)
     res = {"flags": SYNTH + " (LUTs mapped with plain abc, see SCRIPT)", "units": {}}
+    only = None
+    if a.units:
+        only = set(a.units.split(","))
+        res["units"] = json.loads((pathlib.Path(a.outdir) / "resources.json").read_text())["units"]
 
     sim = get_preset("sim")
-    if not a.skip_sim:
+    if not a.skip_sim and (only is None or "sim_mpe" in only):
         print("synth sim MPE ...", flush=True)
         res["units"]["sim_mpe"] = synth(MatrixEngine(sim), "flightllm_mpe", work / "sim_mpe", flags)
         res["units"]["sim_mpe"]["macs"] = sim.macs
 
     sl = dataclasses.replace(u, name="u280-slice", chains=rc, weight_channels=1, kv_channels=1)
-    for key, comp, top in (("u280_chain", SparseChain(u), "chain"),
-                           ("u280_dequant", DequantUnit(u), "dequant"),
-                           ("u280_slice", MatrixEngine(sl), "flightllm_mpe")):
+    from flightllm.hw.geometry import EngineGeometry
+
+    nodes = EngineGeometry(u).emit_nodes          # the chains as the MPE instantiates them
+    for key, make, top in (("u280_chain", lambda: SparseChain(u, emit_nodes=nodes), "chain"),
+                           ("u280_dequant", lambda: DequantUnit(u), "dequant"),
+                           ("u280_slice", lambda: MatrixEngine(sl), "flightllm_mpe")):
+        if only is not None and key not in only:
+            continue
+        comp = make()
         print(f"synth {key} ...", flush=True)
         res["units"][key] = synth(comp, top, work / key, flags)
     ch, dq, slc = (res["units"][k] for k in ("u280_chain", "u280_dequant", "u280_slice"))
@@ -180,12 +193,14 @@ def write(res, shared, full, u, a):
            "| u280 estimate | " + " | ".join(f"{num(full[k])} ({100 * full[k] / U280_REGION[k]:.1f}%)" for k in U280_REGION) + " |",
            "", f"DSPs per MAC: u280 {res['u280_dsp_per_mac']}"
            + (f", sim {res['sim_dsp_per_mac']}" if "sim_dsp_per_mac" in res else "")
-           + ". Every multiplier is in a DSP48E2: a chain is chain_len MAC DSPs + 1 group-scale DSP "
-           "(u280 chain: 33); the rest are one-time config multiplies (block and word counts: 8 per "
-           "dequant unit, 1 in the sequencer) that should move to one shared unit or the host. "
-           "The WP486 two-MACs-per-DSP packing is not done.",
-           "", "The dequant unit (unpack muxes over every format x 64 lanes, next/current lane registers) "
-           "dominates the LUTs; the estimate is above what Vivado would map but shows where to trim."]
+           + ". Every multiplier is in a DSP48E2: a chain is chain_len MAC DSPs + 1 group-scale DSP per "
+           "emit node (u280: 32 + 2, the second node ends the first segment of two-group 1:4 / 2:8 beats); "
+           "the per-operation counts (row tiles, quant groups, stream words, activation stride) come "
+           "precomputed from the host-side packer `hw.mpe.mpe_config`, so the dequant units and the "
+           "sequencer hold no multiplier. The WP486 two-MACs-per-DSP packing is not done.",
+           "", "Dequant unit: whole HBM words queue in a 3-word window read at a granule offset (one "
+           "barrel shifter), P per-format block cutters, packed (not yet widened) step slots, and a "
+           "per-lane INT8 widening mux at the output. The LUT estimate is above what Vivado would map."]
     (out / "resources.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

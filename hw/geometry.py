@@ -11,17 +11,32 @@ Geometry terms (``L = chain_len``, ``G = group_size``, ``k`` kept weights per bl
 beat
     One cycle's worth of work for a chain: ``L`` kept weights of one row.
 beats per block (``bpb``)
-    ``k // L`` when ``k >= L``. When ``k < L`` (e.g. 1:4 with a 32-long chain) a
-    block fills lanes ``[0, k)`` of one beat and lanes ``[k, L)`` carry weight 0.
+    ``k // L`` when ``k >= L``.
+groups per beat (``gpb``)
+    ``L // k`` when ``k < L`` (e.g. 1:4 with a 32-long chain: 16 kept per group): one
+    beat carries ``gpb`` consecutive quant groups of the same row, lane segment ``s``
+    (lanes ``[s*k, (s+1)*k)``) holding group ``g + s``. The chain ends a segment at
+    the reduction node after lane ``(s+1)*k - 1`` (``emit_nodes``), each with its own
+    group scale, so every lane does useful work. Otherwise ``gpb = 1``.
+step
+    ``gpb`` quant groups of the ``Rc`` rows a dequant unit feeds: ``Rc * gpb`` blocks,
+    emitted as ``bpb`` beats. The last step of a row tile has fewer groups when
+    ``gpb`` does not divide ``K / G``; its missing segments get scale 0.
+blocks per extraction (``P``)
+    Blocks the dequant unit cuts from its bit window per cycle: what keeps the
+    chains busy (``Rc * gpb / bpb``), or, when one HBM word per cycle cannot supply
+    that, the power of two at or above the word rate ``W / block_bits`` (the unit is
+    then bandwidth-bound and takes a word every cycle).
 activation span
-    The input positions one beat covers: ``A = min(k, L) * m / n`` elements,
-    ``span_words = A / L`` activation-buffer words (1, 2 or 4), always a power of
+    The input positions one beat covers: ``A = L * m / n`` elements,
+    ``span_words = m / n`` activation-buffer words (1, 2 or 4), always a power of
     two and aligned, so the activation buffer is ``act_banks`` word-interleaved
     banks and one read of all banks at one row returns any span.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from amaranth import Signal
@@ -48,6 +63,15 @@ class _Fmt:
     bpb: int
     span_words: int
     pattern: int      # index into EngineGeometry.patterns
+    gpb: int          # quant groups per beat (L // kept when kept < L, else 1)
+    P: int            # blocks extracted per cycle (full step)
+    P_tail: int       # ... in the short last step of a tile (min(P, Rc))
+    links: int        # chain link bits: 0 where a segment ends (between lanes kept*s - 1 and kept*s)
+
+    @property
+    def seg(self) -> int:
+        """Lanes per chain segment."""
+        return self.kept if self.gpb > 1 else 0
 
 
 class EngineGeometry:
@@ -82,6 +106,7 @@ class EngineGeometry:
 
         need(_pow2(self.W) and self.W >= SCALE_BITS, f"hbm_port_bits a power of two >= 16, not {self.W}")
         need(_pow2(self.R), f"chains a power of two, not {self.R}")
+        need(_pow2(self.Rc), f"chains / weight_channels a power of two, not {self.Rc}")
         need(_pow2(self.G), f"group_size a power of two, not {self.G}")
         need(self.G % self.L == 0, f"chain_len ({self.L}) to divide group_size ({self.G})")
         need(p.scale_bits == SCALE_BITS, f"scale_bits == {SCALE_BITS} (formats.SCALE_BITS)")
@@ -97,6 +122,7 @@ class EngineGeometry:
             pats.append((1, 1))          # dense m:m is always allowed (params docstring)
         self.patterns = tuple(pats)
         fmts = []
+        ng = self.L // self.D
         for bits in p.weight_bits:
             for pi, (n, m) in enumerate(self.patterns):
                 wf = WeightFormat(bits, n, m, self.G)
@@ -104,14 +130,29 @@ class EngineGeometry:
                 if n != m:
                     need(self.L % n == 0, f"chain_len ({self.L}) a multiple of n_keep ({n}) for {n}:{m}")
                     need(m % n == 0, f"n_keep to divide m for {n}:{m}")
-                need(k % self.L == 0 or k < self.L,
-                     f"kept weights per block ({k} for {wf.name}) a multiple of chain_len ({self.L}) or below it")
-                span = min(k, self.L) * m // n
-                need(span % self.L == 0 and _pow2(span // self.L),
-                     f"the activation span of {wf.name} ({span}) a power-of-two multiple of chain_len")
+                need(k % self.L == 0 or (self.L % k == 0 and k % self.D == 0),
+                     f"kept weights per block ({k} for {wf.name}) a multiple of chain_len ({self.L}), "
+                     f"or a divisor of it that is a multiple of dsp_group ({self.D})")
+                span = self.L * m // n
+                need(_pow2(span // self.L), f"the activation span of {wf.name} ({span}) a power-of-two multiple of chain_len")
+                bpb, gpb = max(1, k // self.L), max(1, self.L // k)
+                step = self.Rc * gpb
+                need_rate = max(1, step // bpb)             # blocks per cycle at full compute
+                supply = self.W / wf.block_bits            # blocks per cycle at one word per cycle
+                P = need_rate if supply >= need_rate else min(need_rate, 1 << math.ceil(math.log2(supply)) if supply > 1 else 1)
+                links = (1 << (ng - 1)) - 1
+                if gpb > 1:
+                    for sgi in range(1, gpb):
+                        links &= ~(1 << (sgi * k // self.D - 1))
                 fmts.append(_Fmt(len(fmts), bits, n, m, wf.index_bits, k, wf.block_bits,
-                                 max(1, k // self.L), span // self.L, pi))
+                                 bpb, span // self.L, pi, gpb, P, min(P, self.Rc), links))
         self.formats = tuple(fmts)
+        self.gpb_max = max(f.gpb for f in fmts)
+        self.P_max = max(f.P for f in fmts)
+        self.slots = self.Rc * self.gpb_max
+        # reduction nodes that may end a segment: after every segment of every format
+        self.emit_nodes = tuple(sorted({ng - 1} | {(s + 1) * f.kept // self.D - 1
+                                                   for f in fmts if f.gpb > 1 for s in range(f.gpb)}))
         self.fmt_bits = max(1, (len(fmts) - 1).bit_length())
         self.index_bits = max(1, max(f.index_bits for f in fmts))
         self.m_max = max(f.m for f in fmts)
@@ -174,3 +215,50 @@ def delay(m, sig, n, en, name=None, reset_less=True):
         cur = nxt
     return cur
 
+
+
+def word_window(m, name, port, width, nwords, gran, out_bits, busy, words_left):
+    """Bit window over a word stream: the next ``out_bits`` bits, consumed in ``gran`` steps.
+
+    Words land whole in a queue of ``nwords`` registers (no bit-level insert shifter);
+    the oldest unread bit is ``r`` (a multiple of ``gran``) of word 0. The caller drives
+    ``take`` (granules consumed this cycle, only when ``avail >= take``).
+
+    Returns ``(x, avail, take)``: ``x`` the window (LSB = oldest bit), ``avail`` the
+    granules held, ``take`` the consumption input.
+    """
+    from amaranth import Cat, Signal
+
+    gpw = width // gran                                  # granules per word
+    lg = int(math.log2(gpw))
+    lgran = int(math.log2(gran))
+    assert 1 << lgran == gran and 1 << lg == gpw
+    words = [Signal(width, name=f"{name}_w{i}", reset_less=True) for i in range(nwords)]
+    nw = Signal(range(nwords + 1), name=f"{name}_nw")
+    r = Signal(range(gpw), name=f"{name}_r")
+    take = Signal(range(out_bits // gran + 1), name=f"{name}_take")
+    avail = Signal(range(nwords * gpw + 1), name=f"{name}_avail")
+    total = Signal(range(gpw + out_bits // gran + 1), name=f"{name}_total")
+    cons = Signal(range(nwords + 1), name=f"{name}_cons")
+    m.d.comb += [avail.eq((nw << lg) - r), total.eq(r + take), cons.eq(total >> lg)]
+    room = Signal(name=f"{name}_room")
+    m.d.comb += room.eq(nw - cons < nwords)
+    m.d.comb += port.ready.eq(busy & (words_left != 0) & room)
+    word_in = port.valid & port.ready
+    base = Signal.like(nw, name=f"{name}_base")
+    m.d.comb += base.eq(nw - cons)
+    for i in range(nwords):
+        with m.If(word_in & (base == i)):
+            m.d.sync += words[i].eq(port.payload)
+        with m.Else():
+            with m.Switch(cons):
+                for c in range(1, nwords + 1):
+                    if i + c < nwords:
+                        with m.Case(c):
+                            m.d.sync += words[i].eq(words[i + c])
+    m.d.sync += [nw.eq(base + word_in), r.eq(total[:lg] if lg else 0)]
+    with m.If(word_in):
+        m.d.sync += words_left.eq(words_left - 1)
+    x = Signal(out_bits, name=f"{name}_x")
+    m.d.comb += x.eq((Cat(*words) >> (r << lgran))[:out_bits])
+    return x, avail, take, (nw, r)

@@ -6,9 +6,11 @@ Structure (``C = weight_channels``, ``R = chains``, ``Rc = R / C``)::
                                                      +--> issue --> act read --> route --> R x SparseChain --> out FIFO --> out
     act (addr, L x int8) --> activation buffer ------+      (sequencer: tiles, groups, beats, tokens)
 
-Operation (``cfg``): ``n_rows`` N, ``n_in`` K (a multiple of group_size), ``fmt`` (a
-format code, :meth:`EngineGeometry.code`), ``tokens`` T (1 = MV, decode; up to
-``mm_tokens`` = MM, prefill) and ``act_base``. For every row tile (``R`` rows, row
+Operation (``cfg``, filled on the host by :func:`mpe_config` from N, K, format, T and
+``act_base``): ``fmt`` (a format code, :meth:`EngineGeometry.code`), ``tokens`` T (1 =
+MV, decode; up to ``mm_tokens`` = MM, prefill), ``act_base``, and the counts the RTL
+would otherwise multiply out: ``tiles`` = ceil(N / R), ``groups`` = K / G, ``stride``
+and the per-channel stream word counts. For every row tile (``R`` rows, row
 ``tile*R + j`` on chain ``j``; chain ``j`` is fed by dequant unit ``j % C``), every
 quant group and every beat of it, the engine takes one beat from every dequant unit
 and holds it for T cycles, one per token (weight-stationary: weights stream once
@@ -32,28 +34,90 @@ from __future__ import annotations
 
 import math
 
-from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+import numpy as np
+from amaranth import Cat, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .chain import SparseChain
 from .dequant import DequantUnit
+from .formats import WeightFormat
 from .geometry import EngineGeometry, delay
 from .params import HwParams
 
-__all__ = ["MatrixEngine", "mpe_cfg_layout", "act_layout"]
+__all__ = ["MatrixEngine", "mpe_cfg_layout", "mpe_config", "pack_fields", "act_layout"]
 
 
 def mpe_cfg_layout(geom: EngineGeometry) -> data.StructLayout:
-    """Per-operation config of the matrix engine."""
+    """Per-operation config of the matrix engine (fill it with :func:`mpe_config`)."""
     return data.StructLayout({
-        "n_rows": unsigned(20),
-        "n_in": unsigned(geom.params.act_buf_depth.bit_length()),
         "fmt": unsigned(geom.fmt_bits),
         "tokens": unsigned(geom.tokens_max.bit_length()),
         "act_base": unsigned(geom.act_addr_bits),
+        "tiles": unsigned(20),
+        "groups": unsigned(16),
+        "stride": unsigned(geom.act_addr_bits + 1),
+        "pay_words": unsigned(32),
+        "scale_words": unsigned(32),
     })
+
+
+def mpe_config(geom: EngineGeometry, wf: WeightFormat, n_rows: int, n_in: int,
+               tokens: int = 1, act_base: int = 0) -> dict:
+    """Host-side config of one MV/MM operation: validated fields of :func:`mpe_cfg_layout`.
+
+    All counts (row tiles, quant groups, activation stride, stream words) are computed
+    here, so the RTL holds no multiplier for them.
+
+    Raises
+    ------
+    ValueError
+        A field is out of what the build supports (the message names it and the limit).
+    """
+    def bad(what):
+        raise ValueError(f"MPE operation {wf.name} {n_rows}x{n_in} T={tokens} "
+                         f"(preset {geom.params.name!r}): {what}")
+
+    code = geom.code(wf)
+    for name, v in (("n_rows", n_rows), ("n_in", n_in), ("tokens", tokens), ("act_base", act_base)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            bad(f"{name} must be an int, not {type(v).__name__}")
+    if not 1 <= n_rows <= (1 << 20) * geom.R - 1 or -(-n_rows // geom.R) >= 1 << 20:
+        bad(f"N (n_rows) must be in 1..{(1 << 20) - 1} row tiles of {geom.R}, got {n_rows}")
+    if n_in < geom.G or n_in % geom.G:
+        bad(f"K (n_in) must be a positive multiple of group_size {geom.G}, got {n_in}")
+    if n_in > geom.params.act_buf_depth or n_in // geom.G >= 1 << 16:
+        bad(f"K (n_in) = {n_in} exceeds the activation buffer ({geom.params.act_buf_depth} elements)")
+    if not 1 <= tokens <= geom.tokens_max:
+        bad(f"tokens must be in 1..mm_tokens ({geom.tokens_max}), got {tokens}")
+    if act_base < 0 or act_base % geom.act_banks:
+        bad(f"act_base ({act_base}) must be a non-negative multiple of the bank count {geom.act_banks}")
+    stride = geom.act_stride(n_in)
+    if act_base + tokens * stride > geom.act_words:
+        bad(f"activations end at word {act_base + tokens * stride}, past the buffer's {geom.act_words} words")
+    pw, sw = geom.stream_words(wf, n_rows, n_in)
+    return dict(fmt=code, tokens=tokens, act_base=act_base, tiles=-(-n_rows // geom.R),
+                groups=n_in // geom.G, stride=stride, pay_words=pw, scale_words=sw)
+
+
+def pack_fields(layout: data.StructLayout, fields: dict) -> int:
+    """The integer (LSB first, as Amaranth lays it out) of a struct layout's fields.
+
+    Raises ``ValueError`` for an unknown field or a value that does not fit its width."""
+    names = {name for name, _ in layout}
+    unknown = set(fields) - names
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)}; layout has {sorted(names)}")
+    v = 0
+    for name, f in layout:
+        if name in fields:
+            width = Shape.cast(f.shape).width
+            x = int(fields[name])
+            if not 0 <= x < 1 << width:
+                raise ValueError(f"field {name} = {x} does not fit {width} bits")
+            v |= x << f.offset
+    return v
 
 
 def act_layout(geom: EngineGeometry) -> data.StructLayout:
@@ -129,20 +193,21 @@ class MatrixEngine(wiring.Component):
         adv = Signal()                 # global pipeline enable
         cfgp = self.cfg.payload
         fmt = Signal(g.fmt_bits)
-        n_rows = Signal.like(cfgp.n_rows)
-        n_in = Signal.like(cfgp.n_in)
         tokens = Signal.like(cfgp.tokens)
         base = Signal(g.act_addr_bits)
-        tiles = Signal(20)
-        groups = Signal.like(n_in)
-        stride = Signal(g.act_addr_bits + 1)
+        tiles = Signal.like(cfgp.tiles)
+        groups = Signal.like(cfgp.groups)
+        stride = Signal.like(cfgp.stride)
+        pay_words = Signal.like(cfgp.pay_words)
+        scale_words = Signal.like(cfgp.scale_words)
         bpb = Signal(range(g.kmax + 1))
+        gpb = Signal(range(g.gpb_max + 1))
         span = Signal(range(NB + 1))
         pat = Signal(range(len(g.patterns)))
         with m.Switch(fmt):
             for f in g.formats:
                 with m.Case(f.code):
-                    m.d.comb += [bpb.eq(f.bpb), span.eq(f.span_words), pat.eq(f.pattern)]
+                    m.d.comb += [bpb.eq(f.bpb), gpb.eq(f.gpb), span.eq(f.span_words), pat.eq(f.pattern)]
 
         tok = Signal.like(tokens)
         bsub = Signal.like(bpb)
@@ -157,26 +222,25 @@ class MatrixEngine(wiring.Component):
         m.d.comb += all_valid.eq(Cat(dq.beat.valid for dq in dqs).all())
         issue = Signal()
         last_tok = tok == tokens - 1
+        last_step = Signal()
+        m.d.comb += last_step.eq(grp + gpb >= groups)
         with m.FSM() as fsm:
             with m.State("IDLE"):
                 m.d.comb += self.cfg.ready.eq(~inflight)
                 with m.If(self.cfg.valid & ~inflight):
-                    m.d.sync += [fmt.eq(cfgp.fmt), n_rows.eq(cfgp.n_rows), n_in.eq(cfgp.n_in),
-                                 tokens.eq(cfgp.tokens), base.eq(cfgp.act_base)]
-                    m.next = "SETUP"
-            with m.State("SETUP"):
-                words = n_in >> int(math.log2(L))
-                m.d.sync += [tiles.eq((n_rows + R - 1) >> int(math.log2(R))),
-                             groups.eq(n_in >> int(math.log2(g.G))),
-                             stride.eq(((words + NB - 1) >> lnb) << lnb),
-                             tok.eq(0), bsub.eq(0), grp.eq(0), tile.eq(0),
-                             step_wa.eq(base), tok_wa.eq(base), dq_acked.eq(0)]
-                m.next = "DQCFG"
+                    m.d.sync += [fmt.eq(cfgp.fmt), tokens.eq(cfgp.tokens), base.eq(cfgp.act_base),
+                                 tiles.eq(cfgp.tiles), groups.eq(cfgp.groups), stride.eq(cfgp.stride),
+                                 pay_words.eq(cfgp.pay_words), scale_words.eq(cfgp.scale_words),
+                                 tok.eq(0), bsub.eq(0), grp.eq(0), tile.eq(0),
+                                 step_wa.eq(cfgp.act_base), tok_wa.eq(cfgp.act_base), dq_acked.eq(0)]
+                    m.next = "DQCFG"
             with m.State("DQCFG"):
                 acked = Signal(C)
                 for c, dq in enumerate(dqs):
-                    m.d.comb += [dq.cfg.payload.fmt.eq(fmt),
-                                 dq.cfg.payload.steps.eq(tiles * groups),
+                    m.d.comb += [dq.cfg.payload.fmt.eq(fmt), dq.cfg.payload.tiles.eq(tiles),
+                                 dq.cfg.payload.groups.eq(groups),
+                                 dq.cfg.payload.pay_words.eq(pay_words),
+                                 dq.cfg.payload.scale_words.eq(scale_words),
                                  dq.cfg.valid.eq(~dq_acked[c]),
                                  acked[c].eq(dq_acked[c] | dq.cfg.ready)]
                 m.d.sync += dq_acked.eq(acked)
@@ -195,19 +259,18 @@ class MatrixEngine(wiring.Component):
                     with m.Else():
                         m.d.sync += tok.eq(0)
                         last_b = bsub == bpb - 1
-                        last_g = grp == groups - 1
                         last_t = tile == tiles - 1
                         m.d.sync += bsub.eq(Mux(last_b, 0, bsub + 1))
                         with m.If(last_b):
-                            m.d.sync += grp.eq(Mux(last_g, 0, grp + 1))
-                            with m.If(last_g):
+                            m.d.sync += grp.eq(Mux(last_step, 0, grp + gpb))
+                            with m.If(last_step):
                                 m.d.sync += tile.eq(tile + 1)
-                        with m.If(last_b & last_g):
+                        with m.If(last_b & last_step):
                             # next row tile: the activations start over
                             m.d.sync += [step_wa.eq(base), tok_wa.eq(base)]
                         with m.Else():
                             m.d.sync += [step_wa.eq(step_wa + span), tok_wa.eq(step_wa + span)]
-                        with m.If(last_b & last_g & last_t):
+                        with m.If(last_b & last_step & last_t):
                             m.next = "IDLE"
 
         # -- stage 1: activation read, beat capture ----------------------------------
@@ -218,7 +281,7 @@ class MatrixEngine(wiring.Component):
         off1 = Signal(max(1, lnb))
         beats1 = [Signal(len(dq.beat.payload.as_value()), name=f"beat1_{c}", reset_less=True)
                   for c, dq in enumerate(dqs)]
-        flags = Cat(bsub == 0, bsub == bpb - 1, grp == 0, grp == groups - 1)
+        flags = Cat(bsub == 0, bsub == bpb - 1, grp == 0, last_step)
         with m.If(adv):
             m.d.sync += [v1.eq(issue), f1.eq(flags), off1.eq(tok_wa[:max(1, lnb)] if NB > 1 else 0)]
             m.d.sync += [b1.eq(dq.beat.payload.as_value()) for b1, dq in zip(beats1, dqs)]
@@ -251,16 +314,32 @@ class MatrixEngine(wiring.Component):
 
         # -- chains ------------------------------------------------------------------------
         chains = []
+        links = Signal(max(1, g.dsp_groups - 1))
+        with m.Switch(fmt):
+            for f in g.formats:
+                with m.Case(f.code):
+                    m.d.comb += links.eq(f.links)
         for j in range(R):
-            ch = SparseChain(g.params)
+            ch = SparseChain(g.params, emit_nodes=g.emit_nodes)
             m.submodules[f"chain{j}"] = ch
             c, jj = j % C, j // C
             bt = data.View(dqs[c].beat.payload.shape(), beats2[c])[jj]
             m.d.comb += [ch.en.eq(adv), ch.valid.eq(v2), ch.cand.eq(cand2),
-                         ch.w.eq(bt.w), ch.idx.eq(bt.idx), ch.scale[0].eq(bt.scale),
+                         ch.w.eq(bt.w), ch.idx.eq(bt.idx),
                          ch.first.eq(f2[0]), ch.last.eq(f2[1]),
                          ch.first_grp.eq(f2[2]), ch.last_grp.eq(f2[3]),
-                         ch.links.eq(-1), ch.tap.eq(tokens - 1)]
+                         ch.links.eq(links), ch.tap.eq(tokens - 1)]
+            # emit node e takes the scale of the segment ending there (a node that does
+            # not end a segment of this format multiplies by a don't-care: its product is 0)
+            for ni, e in enumerate(g.emit_nodes):
+                if g.gpb_max == 1:
+                    m.d.comb += ch.scale[ni].eq(bt.scale[0])
+                    continue
+                with m.Switch(fmt):
+                    for f in g.formats:
+                        with m.Case(f.code):
+                            sg = ((e + 1) * g.D - 1) // f.kept if f.gpb > 1 else 0
+                            m.d.comb += ch.scale[ni].eq(bt.scale[min(sg, g.gpb_max - 1)])
             chains.append(ch)
         lat = 2 + chains[0].latency
 

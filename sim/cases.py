@@ -17,11 +17,23 @@ import numpy as np
 
 from flightllm.hw import formats
 from flightllm.hw.geometry import EngineGeometry
+from flightllm.hw.mpe import mpe_config
+from flightllm.hw.params import HwParams
 from flightllm.runtime.arith import ACT_MAX, mpe_psums, mpe_scale_accumulate
 
-__all__ = ["nm_mask", "make_case", "save_cases", "smollm2_slice", "SMOLLM2_GGUF"]
+__all__ = ["SIM_MC", "nm_mask", "make_case", "save_cases", "smollm2_slice", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The ``sim`` preset reshaped to the u280's ratios: 4 chains per weight channel
+#: (Rc = 4), chain_len / group_size = 1/2 (1:4 and 2:8 keep fewer weights per group
+#: than a chain has lanes: two groups per beat in two chain segments) and an HBM
+#: port of 16 weights' worth of bits per chain lane (hbm_port_bits = 16 * chain_len),
+#: whose sustained rate equals the port rate (as on the u280: 14.375 GB/s at 225 MHz).
+SIM_MC = HwParams(name="sim-mc", clock_mhz=100.0, chains=8, chain_len=16, dsp_group=4,
+                  group_size=32, weight_channels=2, kv_channels=1, hbm_port_bits=256,
+                  hbm_channel_gbps=3.2, act_buf_depth=8192, kv_tile=16, sfu_lanes=8,
+                  max_seq_len=512)
 
 
 def nm_mask(rng, n, k, n_keep, m, w=None):
@@ -72,7 +84,8 @@ def make_case(geom: EngineGeometry, wf: formats.WeightFormat, n_rows: int, n_in:
     act_data = x.reshape(tokens * words, geom.L)
     pw, sw = geom.stream_words(wf, n_rows, n_in)
     case = {
-        "cfg": dict(n_rows=n_rows, n_in=n_in, fmt=geom.code(wf), tokens=tokens, act_base=act_base),
+        "cfg": mpe_config(geom, wf, n_rows, n_in, tokens, act_base),
+        "N": n_rows, "K": n_in,
         "name": f"{wf.name} {n_rows}x{n_in} T={tokens}",
         "act_addr": act_addr, "act_data": act_data,
         "expected": out.reshape(tiles * tokens, geom.R),

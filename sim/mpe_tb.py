@@ -20,7 +20,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
 
 from flightllm.hw.geometry import EngineGeometry
-from flightllm.hw.mpe import act_layout, mpe_cfg_layout
+from flightllm.hw.mpe import act_layout, mpe_cfg_layout, pack_fields
 from flightllm.hw.params import HwParams
 
 PERIOD_NS = 10
@@ -28,12 +28,7 @@ PERIOD_NS = 10
 
 def pack(layout, **fields) -> int:
     """Integer of a struct layout's bits from field values (LSB-first, as Amaranth)."""
-    v = 0
-    for name, f in layout:
-        if name in fields:
-            width = f.shape.width if hasattr(f.shape, "width") else f.width
-            v |= (int(fields[name]) & ((1 << width) - 1)) << f.offset
-    return v
+    return pack_fields(layout, fields)
 
 
 class Cycles:

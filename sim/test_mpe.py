@@ -1,7 +1,10 @@
 """cocotb RTL tests of the matrix engine (dequant -> chains -> MPE), bit-exact vs runtime/arith.
 
-The ``sim`` preset is built once (``sim_build/sim-<hash>``); each test runs many
-operations back to back in one simulation with random stalls on every stream.
+Two parameter sets, each built once (``sim_build/<name>-<hash>``): the ``sim`` preset
+and ``SIM_MC`` (u280 ratios: 4 chains per weight channel, so the dequant unit cuts
+several blocks per cycle, and 1:4 / 2:8 blocks shorter than a chain, so beats carry
+two quant groups in two chain segments). Each test runs many operations back to back
+in one simulation with random stalls on every stream.
 CI runs the ``rtl`` tests; ``slow_rtl`` holds the full sweeps.
 """
 
@@ -13,16 +16,17 @@ import pytest
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.params import get_preset
 from flightllm.sim import rtl
-from flightllm.sim.cases import make_case, save_cases, smollm2_slice
+from flightllm.sim.cases import SIM_MC, make_case, save_cases, smollm2_slice
 
 PARAMS = get_preset("sim")
 GEOM = EngineGeometry(PARAMS)
+MC_GEOM = EngineGeometry(SIM_MC)
 
 
-def run_cases(tag, cases, stall=0.3, seed=0):
-    bdir = rtl.build_dir(PARAMS)
-    stim = save_cases(bdir / f"run-{tag}" / "stimuli.npz", PARAMS, cases, stall, seed)
-    rtl.run(PARAMS, "mpe_cases", stim, tag, seed=seed + 1)
+def run_cases(tag, cases, stall=0.3, seed=0, params=PARAMS):
+    bdir = rtl.build_dir(params)
+    stim = save_cases(bdir / f"run-{tag}" / "stimuli.npz", params, cases, stall, seed)
+    rtl.run(params, "mpe_cases", stim, tag, seed=seed + 1)
 
 
 @pytest.mark.rtl
@@ -49,6 +53,18 @@ def test_mm_tokens():
 
 
 @pytest.mark.rtl
+def test_multi_chain_every_format():
+    """SIM_MC: every format, MV and MM, odd group counts (short last step), ragged tiles."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for i, wf in enumerate(MC_GEOM.weight_formats()):
+        n = [8, 13, 24][i % 3]
+        k = [96, 64, 160][(i // 3) % 3]            # 3, 2, 5 quant groups of 32
+        cases.append(make_case(MC_GEOM, wf, n, k, [1, 1, 3][(i // 2) % 3], rng))
+    run_cases("mc", cases, params=SIM_MC)
+
+
+@pytest.mark.rtl
 @pytest.mark.model
 def test_smollm2_layer():
     """A 16 x 128 slice of SmolLM2-135M's first FFN down projection, MV and MM."""
@@ -72,3 +88,15 @@ def test_sweep_shapes():
         for n, k, t in ((24, 256, 1), (8, 512, 3), (12, 128, PARAMS.mm_tokens)):
             cases.append(make_case(GEOM, wf, n, k, t, rng))
     run_cases("sweep", cases, stall=0.5)
+
+
+@pytest.mark.rtl
+@pytest.mark.slow_rtl
+def test_multi_chain_sweep():
+    """SIM_MC: every format x MV/MM over larger shapes, heavy stalls."""
+    rng = np.random.default_rng(6)
+    cases = []
+    for wf in MC_GEOM.weight_formats():
+        for n, k, t in ((40, 256, 1), (16, 224, 3), (8, 96, SIM_MC.mm_tokens)):
+            cases.append(make_case(MC_GEOM, wf, n, k, t, rng))
+    run_cases("mc-sweep", cases, stall=0.5, params=SIM_MC)
