@@ -121,6 +121,11 @@ def input_stat_key(tensor_name: str) -> str:
     return f"blk.{i}.{_INPUT_OF[short]}"
 
 
+def _hessian(act_stats: dict | None, tensor_name: str):
+    """The calibration Hessian that weights ``tensor_name`` (None without calibration)."""
+    return None if act_stats is None else act_stats.get(input_stat_key(tensor_name))
+
+
 def calibrate(model: LlamaModel, tokens, context: int = 512, progress=None) -> dict:
     """Input Hessians ``E[x x^T]`` (float32, K x K) of every linear input over the calibration tokens.
 
@@ -294,13 +299,13 @@ def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
     if recipe.is_float:
         raise ValueError("the 'float' preset is the uncompressed reference; nothing to compress")
     names = model_tensor_names(model)
-    stat = lambda nm: None if act_stats is None else act_stats.get(input_stat_key(nm))
     out = {}
     if recipe.budget_bpp is None:
         it = progress(names, desc=f"compress {recipe.name}") if progress else names
         for nm in it:
             fmt = _fixed_format(recipe, nm, group_size)
-            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, stat(nm), recipe.method, measure=False)
+            out[nm] = compress_tensor(nm, model.tensors[nm], fmt, _hessian(act_stats, nm), recipe.method,
+                                      measure=False)
         return out
     trials = measure_candidates(model, recipe.candidates, act_stats, group_size, progress, recipe.method)
     sens = None if probe_tokens is None else measure_sensitivity(model, trials, probe_tokens, progress=progress)
@@ -316,8 +321,7 @@ def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, gr
     fmts = [WeightFormat.parse(c, group_size) for c in candidates]
     work = [(nm, f) for nm in model_tensor_names(model) for f in fmts]
     it = progress(work, desc="measure candidates") if progress else work
-    return {(nm, f.name): compress_tensor(nm, model.tensors[nm], f, None if act_stats is None
-                                          else act_stats.get(input_stat_key(nm)), method)
+    return {(nm, f.name): compress_tensor(nm, model.tensors[nm], f, _hessian(act_stats, nm), method)
             for nm, f in it}
 
 

@@ -99,21 +99,19 @@ def _cmd_perplexity(args) -> int:
               f"perplexity {res['ppl']:.4f} over {n} tokens (preset {res['preset']}, context {args.context}, "
               f"{args.backend})")
         return 0
+    model = load_gguf(args.model)
+    tok = Tokenizer.from_gguf(model.path)        # opening a GGUF costs seconds: once
     if args.artifact:
         from .compiler.artifact import Artifact
 
         art = Artifact(args.artifact)
-        model = load_gguf(args.model)
         model = model.with_tensors({n: art.dequantized(n) for n in art.tensor_names()})
         preset = art.preset
     else:
-        model = load_gguf(args.model)
         preset = args.preset
-        tok = Tokenizer.from_gguf(model.path)
         _, comp = compress_for_preset(model, tok, preset, progress=bar)
         if comp is not None:
             model = model.with_tensors({n: ct.dequantize() for n, ct in comp.items()})
-    tok = Tokenizer.from_gguf(model.path)
     ids = np.asarray(tok.encode(text), dtype=np.int64)
     res = perplexity(model, ids, args.context, bar and (lambda it: bar(it, desc="perplexity")))
     res.update({"preset": preset, "context": args.context, "text": str(text_path),

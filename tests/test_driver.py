@@ -14,9 +14,7 @@ from conftest import write_tiny_gguf
 CALIB = "the quick brown fox jumps over the lazy dog. " * 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(isolated_cache):
-    yield
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,7 @@ CALIB = "the quick brown fox jumps over the lazy dog. " * 20
 F32 = np.float32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(isolated_cache):
-    yield
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")
