@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= out
-PRESET ?= w4
+PRESET ?= native
 HW     ?= u280
 
 .PHONY: all demo test test-all bench bench-quality verilog lint bitstream clean distclean help

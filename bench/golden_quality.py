@@ -1,14 +1,15 @@
-"""Accuracy cost of the hardware numerics: bit-exact golden-model perplexity vs float.
+"""Perplexity of every compression preset: float forward of its packed weights and bit-exact.
 
-For each preset: the float32 reference on the original weights, the float32
-reference on the artifact's dequantized weights (compression only), and the
-golden model running the artifact's programs (compression + INT8 activations,
-INT8 KV cache, float32 SFU with fixed-order reductions). Same protocol as
-``flightllm perplexity`` (whole text tokenized without BOS, non-overlapping windows,
-every token but the first of each window scored).
+For each preset: its bytes per parameter and bits per weight of the layers; the
+float32 reference on the artifact's dequantized weights (what the compression alone
+costs); and the golden model running the artifact's programs (compression plus the
+hardware numerics: INT8 activations with per-group factors, INT8 KV cache, float32 SFU
+with fixed-order reductions). Same protocol as ``flightllm perplexity`` (whole text
+tokenized without BOS, non-overlapping windows, every token but the first of each
+window scored), all against the float32 reference of the GGUF's own weights.
 
-Run: ``python bench/golden_quality.py [--presets w8 w4] [--chars N] [--context C]``
--> docs/golden_quality.json, docs/golden_quality.md
+Run: ``python bench/golden_quality.py [--presets native w8 w4] [--chars N] [--context C] [--merge]``
+-> docs/golden_quality.json, docs/golden_quality.md (rows are written as they finish)
 """
 
 from __future__ import annotations
@@ -22,63 +23,93 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ["native", "w8", "w4m", "w4", "w4-gptq", "w4-e8", "mixed-5b", "w4-4:8-mlp", "w4-2:4-mlp"]
 
 
-def run(presets, chars: int, context: int, hw: str, out_dir: Path) -> dict:
+def run(presets, chars: int, context: int, hw: str, out_dir: Path, merge: bool) -> dict:
     from flightllm.compiler.artifact import Artifact
     from flightllm.compiler.gguf_import import load_gguf
     from flightllm.compiler.reference import perplexity
+    from flightllm.compiler.tokenizer import Tokenizer
     from flightllm.runtime.cli import resolve_artifact
     from flightllm.runtime.driver import Driver
 
     model = load_gguf(None)
-    text = (ROOT / "bench" / "data" / "gpl-3.0.txt").read_text()[:chars]
-    rows = []
-    ref = None
+    tok = Tokenizer.from_gguf(model.path)
+    text = (ROOT / "bench" / "data" / "gpl-3.0.txt").read_text()
+    text = text[:chars] if chars else text
+    ids = np.asarray(tok.encode(text), dtype=np.int64)
+    t0 = time.perf_counter()
+    ref = perplexity(model, ids, context)
+    res = {"text": f"bench/data/gpl-3.0.txt[:{chars}]" if chars else "bench/data/gpl-3.0.txt",
+           "context": context, "hw": hw,
+           "float_ppl": ref["ppl"], "tokens": ref["tokens"], "float_seconds": time.perf_counter() - t0,
+           "rows": []}
+    old = out_dir / "golden_quality.json"
+    if merge and old.is_file():
+        prev = json.loads(old.read_text())
+        if (prev.get("text"), prev.get("context"), prev.get("hw")) == (res["text"], context, hw):
+            res["rows"] = [r for r in prev.get("rows", []) if r["preset"] not in presets]
     for preset in presets:
-        drv = Driver(resolve_artifact(None, preset, hw, quiet=True))
-        ids = np.asarray(drv.tok.encode(text), dtype=np.int64)
-        if ref is None:
-            t0 = time.perf_counter()
-            ref = perplexity(model, ids, context)
-            ref["seconds"] = time.perf_counter() - t0
-        art = Artifact(drv.artifact.path)
-        deq = perplexity(model.with_tensors({n: art.dequantized(n) for n in art.tensor_names()}), ids, context)
+        art_dir = resolve_artifact(None, preset, hw, quiet=True)
+        art = Artifact(art_dir)
+        names = art.tensor_names()
+        deq = perplexity(model.with_tensors({n: art.dequantized(n) for n in names}), ids, context)
+        layers = [art.manifest["tensors"][n] for n in names if n.startswith("blk.")]
+        bpw = 8 * sum(t["stored_bytes"] for t in layers) / sum(t["shape"][0] * t["shape"][1] for t in layers)
+        drv = Driver(art_dir)
         t0 = time.perf_counter()
         nll, n = drv.nll_windows(ids, context)
-        secs = time.perf_counter() - t0
-        rows.append({"preset": preset, "float_dequantized_ppl": deq["ppl"], "golden_ppl": math.exp(nll / n),
-                     "tokens": n, "golden_seconds": secs})
-    res = {"text": f"bench/data/gpl-3.0.txt[:{chars}]", "context": context, "hw": hw,
-           "float_ppl": ref["ppl"], "tokens": ref["tokens"], "float_seconds": ref["seconds"], "presets": rows}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "golden_quality.json").write_text(json.dumps(res, indent=1))
-    (out_dir / "golden_quality.md").write_text(markdown(res))
+        row = {"preset": preset, "bytes_per_param": art.manifest["compression"]["bytes_per_param"],
+               "layer_bits_per_weight": bpw, "formats": sorted(set(art.manifest["compression"]["tensor_formats"].values())),
+               "float_packed_ppl": deq["ppl"], "golden_ppl": math.exp(nll / n), "tokens": n,
+               "golden_seconds": time.perf_counter() - t0}
+        res["rows"] = [r for r in res["rows"] if r["preset"] != preset] + [row]
+        print(f"{preset}: float-packed {row['float_packed_ppl']:.3f}, golden {row['golden_ppl']:.3f}", flush=True)
+        write(res, out_dir)
     return res
 
 
+def write(res, out_dir: Path):
+    from flightllm.compiler.artifact import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = {p: i for i, p in enumerate(DEFAULT)}
+    res["rows"].sort(key=lambda r: order.get(r["preset"], len(order)))
+    atomic_write(out_dir / "golden_quality.json", json.dumps(res, indent=1))
+    atomic_write(out_dir / "golden_quality.md", markdown(res))
+
+
 def markdown(r) -> str:
-    lines = ["# Golden-model perplexity (bit-exact hardware numerics) vs float", "",
-             f"SmolLM2-135M-Instruct, {r['text']}, {r['tokens']} scored tokens, context {r['context']}, "
-             f"hardware preset {r['hw']} (generated by `bench/golden_quality.py`).", "",
-             "| preset | float32, original weights | float32, dequantized weights | golden model | golden / float |",
-             "|---|---|---|---|---|"]
-    for p in r["presets"]:
-        lines.append(f"| {p['preset']} | {r['float_ppl']:.3f} | {p['float_dequantized_ppl']:.3f} | "
-                     f"{p['golden_ppl']:.3f} | {p['golden_ppl'] / r['float_ppl']:.4f} |")
-    lines += ["", "The gap between the dequantized-float and golden columns is the cost of the hardware "
-              "numerics alone (INT8 activations per vector/head, INT8 KV cache, float32 SFU).",
-              f"Wall time: float reference {r['float_seconds']:.1f} s, golden "
-              + ", ".join(f"{p['preset']} {p['golden_seconds']:.1f} s" for p in r["presets"]) + ".", ""]
+    f = r["float_ppl"]
+    lines = ["# Perplexity by preset: float forward of the packed weights and bit-exact golden model", "",
+             f"SmolLM2-135M-Instruct (GGUF: Q4_1 layers, Q8_0 embedding), {r['text']}, {r['tokens']} scored "
+             f"tokens, context {r['context']}, hardware preset {r['hw']}. Every figure is against the float32 "
+             "reference of the GGUF's own weights. Generated by `python bench/golden_quality.py` "
+             "(`--merge` keeps rows of earlier runs of the same text).", "",
+             "| preset | bytes/param | layer bits/weight | formats | float forward of packed weights | vs float | "
+             "bit-exact golden | vs float |", "|---|---:|---:|---|---:|---:|---:|---:|",
+             f"| float | 4.0000 | 32 | float32 | {f:.3f} | +0.00% | | |"]
+    for p in r["rows"]:
+        lines.append(f"| {p['preset']} | {p['bytes_per_param']:.4f} | {p['layer_bits_per_weight']:.2f} | "
+                     f"{', '.join(p['formats'])} | {p['float_packed_ppl']:.3f} | "
+                     f"{100 * (p['float_packed_ppl'] / f - 1):+.2f}% | {p['golden_ppl']:.3f} | "
+                     f"{100 * (p['golden_ppl'] / f - 1):+.2f}% |")
+    lines += ["", "The gap between the two columns of a preset is the cost of the hardware numerics alone "
+              "(INT8 activations with an 8-bit factor per group, INT8 KV cache, float32 SFU); "
+              "`docs/numerics.md` measures each source alone.",
+              f"Wall time: float reference {r['float_seconds']:.1f} s; golden "
+              + ", ".join(f"{p['preset']} {p['golden_seconds']:.0f} s" for p in r["rows"]) + ".", ""]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--presets", nargs="+", default=["w8"])
-    ap.add_argument("--chars", type=int, default=12000)
-    ap.add_argument("--context", type=int, default=256)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=DEFAULT)
+    ap.add_argument("--chars", type=int, default=0, help="use the first N characters (0: the whole text)")
+    ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--hw", default="u280")
+    ap.add_argument("--merge", action="store_true", help="keep rows of presets not measured in this run")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     a = ap.parse_args()
-    print(markdown(run(a.presets, a.chars, a.context, a.hw, Path(a.out))))
+    print(markdown(run(a.presets, a.chars, a.context, a.hw, Path(a.out), a.merge)))

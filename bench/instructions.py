@@ -41,7 +41,7 @@ SAMPLES = (1, 16, 64, 256, 1024)
 
 def run(out_dir: Path, max_len: int = MAX_LEN, samples=SAMPLES) -> dict:
     params = get_preset("u280")
-    manifest = shape_manifest(LLAMA2_7B, params, "int4", "int8")
+    manifest = shape_manifest(LLAMA2_7B, params, "int4/32", "int8/32")
     t0 = time.perf_counter()
     progs = build_programs(manifest)
     images = {k: encode_program(v) for k, v in progs.items()}
@@ -73,7 +73,7 @@ def run(out_dir: Path, max_len: int = MAX_LEN, samples=SAMPLES) -> dict:
 
     checkpoints = [L for L in (1, 64, 128, 512, 1024, 2048, 4096) if L <= max_len]
     res = {
-        "model": LLAMA2_7B.to_dict(), "hw": params.name, "formats": "int4 layers, int8 embedding and LM head",
+        "model": LLAMA2_7B.to_dict(), "hw": params.name, "formats": "int4/32 layers (Q4_0 layout), int8/32 embedding and LM head (Q8_0)",
         "lengths": f"1..{max_len}",
         "adaptive": {"programs": {k: {"instructions": len(v), "bytes": len(images[k])} for k, v in progs.items()},
                      "bytes": adaptive_bytes, "compile_seconds": adaptive_s},

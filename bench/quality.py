@@ -23,9 +23,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESETS = ["w8", "w8-2:4", "w4-e8", "w4", "w4-gptq", "w4-8:16-mlp", "w4-4:8-mlp", "w4-2:4-mlp",
-                   "w4-2:4-mlp-rtn", "w4-2:4", "w4-2:8-mlp", "w4-1:4-mlp", "w3",
-                   "mixed-4.4b", "mixed-4b", "mixed-3.6b"]
+
+def _presets():
+    """Every compression preset but the float reference, in the compressor's order."""
+    from flightllm.compiler.compress import PRESETS
+    return [n for n, r in PRESETS.items() if not r.is_float]
+
+
+DEFAULT_PRESETS = _presets()
 
 
 def main(argv=None):
@@ -70,7 +75,9 @@ def main(argv=None):
     for name in args.presets.split(","):
         recipe = get_recipe(name)
         t0 = time.time()
-        if recipe.budget_bpp is not None:
+        if recipe.is_native:
+            comp = compress_model(model, recipe, None)
+        elif recipe.budget_bpp is not None:
             if trials is None:      # one measurement serves every budget
                 trials = measure_candidates(model, recipe.candidates, stats)
                 sens = measure_sensitivity(model, trials, calib[-PROBE_TOKENS:])

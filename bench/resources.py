@@ -147,10 +147,7 @@ def main(argv=None):
         res["units"]["sim_mpe"]["macs"] = sim.macs
 
     sl = dataclasses.replace(u, name="u280-slice", chains=rc, weight_channels=1, kv_channels=1)
-    from flightllm.hw.geometry import EngineGeometry
-
-    nodes = EngineGeometry(u).emit_nodes          # the chains as the MPE instantiates them
-    for key, make, top in (("u280_chain", lambda: SparseChain(u, emit_nodes=nodes), "chain"),
+    for key, make, top in (("u280_chain", lambda: SparseChain(u), "chain"),
                            ("u280_dequant", lambda: DequantUnit(u), "dequant"),
                            ("u280_slice", lambda: MatrixEngine(sl), "flightllm_mpe")):
         if only is not None and key not in only:
@@ -193,8 +190,9 @@ def write(res, shared, full, u, a):
            "| u280 estimate | " + " | ".join(f"{num(full[k])} ({100 * full[k] / U280_REGION[k]:.1f}%)" for k in U280_REGION) + " |",
            "", f"DSPs per MAC: u280 {res['u280_dsp_per_mac']}"
            + (f", sim {res['sim_dsp_per_mac']}" if "sim_dsp_per_mac" in res else "")
-           + ". Every multiplier is in a DSP48E2: a chain is chain_len MAC DSPs + 1 group-scale DSP per "
-           "emit node (u280: 32 + 2, the second node ends the first segment of two-group 1:4 / 2:8 beats); "
+           + ". Every multiplier is in a DSP48E2: a chain is chain_len MAC DSPs, 1 for psum * u and 2 "
+           "each (a 17-bit split with the PCIN >> 17 cascade) for the scale and the min products "
+           "(u280: 32 + 5); "
            "the per-operation counts (row tiles, quant groups, stream words, activation stride) come "
            "precomputed from the host-side packer `hw.mpe.mpe_config`, so the dequant units and the "
            "sequencer hold no multiplier. The WP486 two-MACs-per-DSP packing is not done.",

@@ -1,32 +1,34 @@
-"""RTL efficiency of the matrix engine: cycles in Verilator vs the MAC-bound ideal.
+"""RTL efficiency of the matrix engine: cycles in Verilator vs the ideal.
 
-Runs MV (decode, T = 1) and MM (prefill, T tokens) over LLaMA-like shape ratios,
-scaled down to the ``sim`` preset (hidden size ``--dim``): attention projection
-N:K = 1:1, KV projection 3:8, FFN up 8:3, FFN down 3:8, for every weight format
-the preset supports (MV) and every N:M pattern at one width (MM), with no stalls.
+Runs MV (decode, T = 1) and MM (prefill, T tokens) over LLaMA-like shape ratios scaled
+to the preset (hidden size ``--dim``): attention projection N:K = 1:1, KV projection 3:8,
+FFN up 8:3, FFN down 3:8, for every weight format of the preset (MV) and, at one width,
+every format (MM, with as many tokens as the activation buffer holds, up to
+``--mm-tokens``), with no stalls.
 
-* compute ideal = kept MACs / MAC lanes (``chains * chain_len``), one beat per cycle;
-* port bound = payload words per channel (the testbench offers one ``hbm_port_bits``
-  word per cycle on every stream), the most a dequant unit can take;
-* bound = max(compute ideal, port bound): the fewest cycles the operation can take
-  with this stimulus (the engine is compute- or bandwidth-bound);
-* op efficiency = bound / cycles from the config handshake to the last result
-  (pipeline fill and drain included, nothing overlapped between operations);
-* steady efficiency = the same per row tile, between the first and last result;
+* compute ideal = kept MACs / MAC lanes (``chains * chain_len``): one beat per cycle;
+* port bound = the words one channel streams (records, scales and mins included; the
+  testbench offers one ``hbm_port_bits`` word per cycle on every channel), the most a
+  dequant unit can take;
+* bound = max(compute ideal, port bound): the fewest cycles the operation can take with
+  this stimulus;
+* op efficiency = bound / cycles from the config handshake to the last result (pipeline
+  fill and drain included);
+* steady efficiency = the same between the first and the last result (fill excluded);
 * HBM bound = cycles the channels need at ``hbm_channel_gbps`` for the operation's
-  payload + scales (the device's bandwidth bound; for ``sim-mc`` it equals the port
-  rate, as on the u280).
+  records (the device's bandwidth bound; for ``sim-mc`` and ``u280-2ch`` it equals the
+  port rate, as on the u280); device efficiency = max(compute, HBM) / max(RTL, HBM).
 
-Presets: ``sim`` and ``sim-mc`` (:data:`flightllm.sim.cases.SIM_MC`, u280 ratios:
-4 chains per weight channel, two-segment beats for 1:4 / 2:8).
+Presets: ``sim`` (hidden 384), ``sim-mc`` (768: 4x the MAC lanes, the same cycles per
+operation) and ``u280-2ch`` (1152: the u280's per-channel geometry, 8x ``sim``'s lanes).
 
-Writes ``docs/rtl_efficiency.json`` and ``docs/rtl_efficiency.md``.
+Writes ``docs/rtl_efficiency[_<preset>].{json,md}``.
 
 Usage::
 
-    .venv/bin/python bench/rtl_efficiency.py                   # sim, full table
-    .venv/bin/python bench/rtl_efficiency.py --preset sim-mc   # u280-ratio variant
-    .venv/bin/python bench/rtl_efficiency.py --quick           # a few rows
+    .venv/bin/python bench/rtl_efficiency.py                     # sim, full table
+    .venv/bin/python bench/rtl_efficiency.py --preset u280-2ch   # the u280's geometry
+    .venv/bin/python bench/rtl_efficiency.py --quick             # a few rows
 """
 
 from __future__ import annotations
@@ -39,11 +41,10 @@ import time
 
 import numpy as np
 
-from flightllm.hw.formats import SCALE_BITS
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.params import get_preset
 from flightllm.sim import rtl
-from flightllm.sim.cases import SIM_MC, make_case, save_cases
+from flightllm.sim.cases import make_case, random_qtensor, save_cases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -53,51 +54,46 @@ SHAPES = {                    # name: (N / dim, K / dim) -- LLaMA layer ratios
     "ffn-up 8:3": (8 / 3, 1),
     "ffn-down 3:8": (1, 8 / 3),
 }
+DEFAULT_DIM = {"sim": 384, "sim-mc": 768, "u280-2ch": 1152}
 
 
-def shape(dim, ratio, geom):
-    n = int(round(dim * ratio[0] / geom.R)) * geom.R
-    k = int(round(dim * ratio[1] / geom.G)) * geom.G
+def shape(dim, ratio, geom, wf):
+    n = max(1, int(round(dim * ratio[0] / geom.R))) * geom.R
+    k = max(1, int(round(dim * ratio[1] / wf.group_size))) * wf.group_size
     return n, k
 
 
 def hbm_bound(geom, wf, n, k):
-    """Cycles the weight channels need at the sustained HBM rate (per channel, in parallel)."""
+    """Cycles one weight channel needs for its records at the sustained HBM rate."""
     p = geom.params
-    f = geom.fmt_of(wf)
-    blocks = -(-n // geom.R) * (k // geom.G) * geom.Rc
-    chan_bytes = blocks * (f.block_bits // 8 + SCALE_BITS // 8)
-    per_cycle = p.hbm_weight_bytes_per_cycle / p.weight_channels
-    return chan_bytes / per_cycle
+    records = -(-n // geom.R) * (k // wf.group_size)
+    return records * geom.info(wf).record_bits / 8 / p.hbm_channel_bytes_per_cycle
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="sim")
-    ap.add_argument("--dim", type=int, default=384, help="scaled hidden size (default %(default)s)")
+    ap.add_argument("--preset", default="sim", choices=sorted(DEFAULT_DIM))
+    ap.add_argument("--dim", type=int, default=None, help="scaled hidden size (default: per preset)")
     ap.add_argument("--mm-tokens", type=int, default=4, help="T of the MM rows (default %(default)s)")
-    ap.add_argument("--mm-bits", type=int, default=4, help="weight width of the MM rows")
     ap.add_argument("--quick", action="store_true", help="a few formats only")
     ap.add_argument("-o", "--outdir", default=str(ROOT / "docs"))
     a = ap.parse_args(argv)
 
-    params = SIM_MC if a.preset == SIM_MC.name else get_preset(a.preset)
+    params = get_preset(a.preset)
+    dim = a.dim or DEFAULT_DIM[a.preset]
     geom = EngineGeometry(params)
     rng = np.random.default_rng(0)
     fmts = geom.weight_formats()
     if a.quick:
-        fmts = [f for f in fmts if f.bits == 4]
+        fmts = fmts[1:2]
     jobs = [(wf, s, 1) for wf in fmts for s in SHAPES]
-    jobs += [(wf, s, a.mm_tokens) for wf in geom.weight_formats() if wf.bits == a.mm_bits
-             for s in (SHAPES if not a.quick else ["attn 1:1"])]
+    jobs += [(wf, s, a.mm_tokens) for wf in fmts if wf.bits == 4 for s in (SHAPES if not a.quick else ["attn 1:1"])]
     cases = []
     for wf, s, t in jobs:
-        n, k = shape(a.dim, SHAPES[s], geom)
-        c = make_case(geom, wf, n, k, t, rng, act_base=0)
-        c["shape"], c["mode"] = s, ("MV" if t == 1 else f"MM T={t}")
-        c["hbm"] = hbm_bound(geom, wf, n, k)
-        c["port"] = geom.stream_words(wf, n, k)[0]
-        c["fmt"] = wf
+        n, k = shape(dim, SHAPES[s], geom, wf)
+        t = min(t, geom.act_words // geom.act_stride(k))     # MM tokens the buffer holds
+        c = make_case(geom, random_qtensor(wf, n, k, rng), t, rng, act_base=0)
+        c.update(shape=s, mode="MV" if t == 1 else f"MM T={t}", fmt=wf, hbm=hbm_bound(geom, wf, n, k))
         cases.append(c)
 
     t0 = time.time()
@@ -110,45 +106,40 @@ def main(argv=None):
     rows = []
     for c, r in zip(cases, rep):
         n, k, t = c["N"], c["K"], c["cfg"]["tokens"]
-        tiles = -(-n // geom.R)
         ideal = c["kept_macs"] / lanes
-        bound = max(ideal, c["port"])
-        # Row padding: a ragged last tile still takes a whole tile's beats.
+        bound = max(ideal, r["words"])
+        tiles = -(-n // geom.R)
+        # between the first result (end of tile 0) and the last: tiles - 1 tiles of work
         steady = None
         if tiles > 1:
-            # results leave once per row tile (T back-to-back cycles at its end)
-            per_tile = bound / (n / geom.R)
-            steady = per_tile * (tiles - 1) / max(1, r["cycles"] - r["first_out"] - (t - 1))
+            steady = bound * (tiles - 1) / tiles / max(1, r["cycles"] - r["first_out"])
         rows.append({
-            "mode": c["mode"], "format": c["fmt"].name, "pattern": "dense" if c["fmt"].dense else f"{c['fmt'].n_keep}:{c['fmt'].m}",
-            "bits": c["fmt"].bits, "shape": c["shape"], "N": n, "K": k, "T": t,
-            "kept_macs": c["kept_macs"], "ideal_cycles": round(ideal, 1), "port_bound_cycles": c["port"],
-            "bound_cycles": round(bound, 1), "rtl_cycles": r["cycles"],
+            "mode": c["mode"], "format": c["fmt"].name, "shape": c["shape"], "N": n, "K": k, "T": t,
+            "kept_macs": c["kept_macs"], "ideal_cycles": round(ideal, 1), "port_bound_cycles": r["words"],
+            "bound_cycles": round(bound, 1), "rtl_cycles": r["cycles"], "first_out": r["first_out"],
             "op_efficiency": round(bound / r["cycles"], 4),
-            "steady_efficiency": None if steady is None else round(steady, 4),
+            "steady_efficiency": None if steady is None else round(min(1.0, steady), 4),
             "hbm_bound_cycles": round(c["hbm"], 1),
-            "hbm_bound_fraction_of_ideal": round(ideal / c["hbm"], 3),
             "device_efficiency": round(max(ideal, c["hbm"]) / max(r["cycles"], c["hbm"]), 4),
         })
     out = pathlib.Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if params.name == "sim" else f"_{params.name.replace('-', '_')}"
-    meta = {"preset": params.name, "params": params.to_dict(), "dim": a.dim, "mac_lanes": lanes,
-            "sim_wall_s": round(wall, 1),
-            "command": "python bench/rtl_efficiency.py" + ("" if params.name == "sim" else f" --preset {params.name}")
-                       + (f" --dim {a.dim}" if a.dim != 384 else "") + (" --quick" if a.quick else "")}
+    cmd = ("python bench/rtl_efficiency.py" + ("" if params.name == "sim" else f" --preset {params.name}")
+           + (f" --dim {a.dim}" if a.dim else "") + (" --quick" if a.quick else ""))
+    meta = {"preset": params.name, "params": params.to_dict(), "dim": dim, "mac_lanes": lanes,
+            "sim_wall_s": round(wall, 1), "command": cmd}
     (out / f"rtl_efficiency{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = [f"# RTL efficiency of the matrix engine (`{params.name}` preset)", "",
-          f"Measured under Verilator (cocotb, no stalls) by `{meta['command']}`; {lanes} MAC lanes "
+          f"Measured under Verilator (cocotb, no stalls) by `{cmd}`; {lanes} MAC lanes "
           f"({geom.R} chains x {geom.L}, {geom.Rc} chains per weight channel, {geom.W}-bit HBM port), "
-          f"hidden size scaled to {a.dim}.",
-          "*compute* = kept MACs / MAC lanes; *port* = payload words per channel (the testbench offers "
-          "one word per cycle); *bound* = max of the two. *op eff.* = bound / RTL cycles from the config "
-          "handshake to the last result (fill and drain included); *steady* is per row tile between the "
-          "first and last result. *HBM* is the cycles the weight channels need at the preset's sustained "
-          f"{params.hbm_channel_gbps} GB/s per channel ({params.hbm_weight_bytes_per_cycle / params.weight_channels:.1f} B/cycle, "
-          "payload + scales); *device eff.* = max(compute, HBM) / max(RTL, HBM), the efficiency on a device "
-          "whose channels deliver that rate.", "",
+          f"hidden size scaled to {dim}.",
+          "*compute* = kept MACs / MAC lanes; *port* = words per channel (records with their scales; the "
+          "testbench offers one word per cycle); *bound* = max of the two. *op eff.* = bound / RTL cycles "
+          "from the config handshake to the last result (fill and drain included); *steady* excludes the "
+          "fill (first result to last). *HBM* is the cycles a channel needs at the preset's sustained "
+          f"{params.hbm_channel_gbps} GB/s ({params.hbm_channel_bytes_per_cycle:.1f} B/cycle); *device eff.* = "
+          "max(compute, HBM) / max(RTL, HBM).", "",
           "| mode | format | shape | N x K | compute | port | HBM | RTL cycles | op eff. | steady eff. | device eff. |",
           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -157,8 +148,9 @@ def main(argv=None):
                   f"{r['port_bound_cycles']} | {r['hbm_bound_cycles']:.0f} | "
                   f"{r['rtl_cycles']} | {100 * r['op_efficiency']:.1f}% | {st} | {100 * r['device_efficiency']:.1f}% |")
     worst = min(rows, key=lambda r: r["op_efficiency"])
-    md += ["", f"Worst op efficiency: {100 * worst['op_efficiency']:.1f}% ({worst['mode']} {worst['format']} {worst['shape']}). "
-           f"Simulation wall time {wall:.0f} s."]
+    md += ["", f"Worst op efficiency: {100 * worst['op_efficiency']:.1f}% ({worst['mode']} {worst['format']} "
+           f"{worst['shape']}, {worst['rtl_cycles']} cycles, first result after {worst['first_out']}). "
+           f"Simulation wall time {wall:.0f} s (build included)."]
     (out / f"rtl_efficiency{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -96,7 +96,7 @@ def smollm2_speed(n_tokens: int = 24, preset: str = "w8", hw: str = "u280", roun
 
 def llama2_estimate(positions=(1, 128, 512, 1024, 2048, 4095), hw: str = "u280") -> dict:
     params = get_preset(hw)
-    m = shape_manifest(LLAMA2_7B, params, "int4", "int8")
+    m = shape_manifest(LLAMA2_7B, params, "int4/32", "int8/32")
     try:
         check_buffers(m)
         buffers = "fit"

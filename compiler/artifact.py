@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..hw.formats import ALIGN, PackedTensor, WeightFormat, pack_tensor, unpack_tensor
+from ..hw.formats import PackedTensor, QTensor, ScaleRangeError, WeightFormat, align, pack_tensor, unpack_tensor
 from ..hw.params import HwParams
 from .gguf_import import ModelConfig
 
 __all__ = ["ArtifactError", "ArtifactWriter", "Artifact", "atomic_dir", "atomic_write",
            "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 class ArtifactError(ValueError):
@@ -81,10 +81,6 @@ def atomic_dir(out):
         raise
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 @dataclass
 class ArtifactWriter:
     """Collects packed tensors and tables, then writes them as one artifact."""
@@ -97,9 +93,15 @@ class ArtifactWriter:
     extra: dict = field(default_factory=dict)        # more manifest entries
     files: dict = field(default_factory=dict)        # relative path -> bytes
 
-    def add_tensor(self, name: str, q, scales, shift, fmt: WeightFormat, mask=None):
-        self.tensors[name] = pack_tensor(q, scales, shift, fmt, self.params.chains,
-                                         self.params.weight_channels, mask)
+    def add_tensor(self, name: str, qt: QTensor):
+        """Pack ``qt``; ``ArtifactError`` naming the tensor if the build cannot run it."""
+        try:
+            self.params.check_format(qt.fmt, f"tensor {name!r}")
+            self.tensors[name] = pack_tensor(qt, self.params)
+        except ScaleRangeError as e:
+            raise ArtifactError(f"tensor {name!r} ({qt.fmt.name}): {e}") from None
+        except ValueError as e:
+            raise ArtifactError(str(e)) from None
 
     def add_table(self, name: str, values):
         self.tables[name] = np.ascontiguousarray(values, dtype="<f4")
@@ -110,11 +112,8 @@ class ArtifactWriter:
         tensors, offset = {}, 0
         for name, pt in self.tensors.items():
             tensors[name] = {
-                "format": pt.fmt.name, "group_size": pt.fmt.group_size,
-                "shape": list(pt.shape), "shift": pt.shift, "offset": offset,
-                "payload_bytes": pt.payload_bytes, "scale_bytes": pt.scale_bytes,
-                "scale_offset": offset + _align(pt.payload_bytes),
-                "stored_bytes": pt.stored_bytes()}
+                "format": pt.fmt.name, "shape": list(pt.shape), "shift": pt.shift, "offset": offset,
+                "region_bytes": pt.region_bytes, "stored_bytes": pt.stored_bytes()}
             offset += pt.channel_bytes
         tables, toff = {}, 0
         for name, arr in self.tables.items():
@@ -199,22 +198,23 @@ class Artifact:
         t = self.manifest["tensors"].get(name)
         if t is None:
             raise ArtifactError(f"{self.path}: no tensor {name!r}")
-        fmt = WeightFormat.parse(t["format"], t["group_size"])
-        payload, scales = [], []
-        for c in range(self.params.weight_channels):
-            img = self.read(f"weights/ch{c:02d}.bin")
-            payload.append(img[t["offset"]:t["offset"] + t["payload_bytes"]])
-            scales.append(img[t["scale_offset"]:t["scale_offset"] + t["scale_bytes"]])
-        return PackedTensor(fmt, tuple(t["shape"]), t["shift"], self.params.chains, payload, scales)
-
-    def unpacked(self, name: str):
-        """(q int8 (N, K), scales uint16 (N, K//G), shift, fmt) of a tensor."""
-        pt = self.packed(name)
         try:
-            q, s, sh = unpack_tensor(pt)
+            fmt = WeightFormat.parse(t["format"])
         except ValueError as e:
             raise ArtifactError(f"{self.path}: tensor {name!r}: {e}") from None
-        return q, s, sh, pt.fmt
+        data = []
+        for c in range(self.params.weight_channels):
+            img = self.read(f"weights/ch{c:02d}.bin")
+            data.append(img[t["offset"]:t["offset"] + t["region_bytes"]])
+        return PackedTensor(fmt, tuple(t["shape"]), t["shift"], self.params.chains, self.params.chain_len, data)
+
+    def unpacked(self, name: str) -> QTensor:
+        """The tensor's integers, scales and mins as they sit in HBM."""
+        pt = self.packed(name)
+        try:
+            return unpack_tensor(pt)
+        except ValueError as e:
+            raise ArtifactError(f"{self.path}: tensor {name!r}: {e}") from None
 
     def table(self, name: str) -> np.ndarray:
         t = self.manifest["tables"].get(name)
@@ -225,5 +225,5 @@ class Artifact:
         return np.frombuffer(raw, dtype="<f4", count=n, offset=t["offset"]).reshape(t["shape"])
 
     def dequantized(self, name: str) -> np.ndarray:
-        q, s, sh, fmt = self.unpacked(name)
-        return (q * np.repeat(s.astype(np.float64) * 2.0 ** -sh, fmt.group_size, axis=1)).astype(np.float32)
+        """float32 weights (``d * q + mn``, as GGUF dequantizes)."""
+        return self.unpacked(name).dequantize()

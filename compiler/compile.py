@@ -10,7 +10,7 @@ import numpy as np
 
 from ..hw.params import HwParams
 from .artifact import ArtifactWriter
-from .compress import bytes_per_param, calibrate, compress_model, get_recipe
+from .compress import DEFAULT_PRESET, bytes_per_param, calibrate, compress_model, get_recipe
 from .gguf_import import LlamaModel, load_gguf
 
 PROBE_TOKENS = 96      #: calibration tokens the mixed allocation's sensitivity pass runs on
@@ -39,17 +39,19 @@ def calibration_tokens(tokenizer, text: str | None = None, max_tokens: int = 409
     return np.asarray(ids[:max_tokens], dtype=np.int64)
 
 
-def compress_for_preset(model: LlamaModel, tokenizer, preset: str, group_size: int = 64,
+def compress_for_preset(model: LlamaModel, tokenizer, preset: str = DEFAULT_PRESET,
                         calib_text: str | None = None, progress=None, context: int = 512):
     """Calibrate and compress ``model`` with a named preset; returns (recipe, compressed)."""
     recipe = get_recipe(preset)
     if recipe.is_float:
         return recipe, None
+    if recipe.is_native:
+        return recipe, compress_model(model, recipe, None, progress)
     toks = calibration_tokens(tokenizer, calib_text)
     stats = calibrate(model, toks, context=context, progress=progress and
                       (lambda it: progress(it, desc="calibrate")))
     probe = toks[-PROBE_TOKENS:] if recipe.budget_bpp is not None else None
-    return recipe, compress_model(model, recipe, stats, group_size, progress, probe)
+    return recipe, compress_model(model, recipe, stats, progress, probe)
 
 
 def compile_model(model_path, out, preset: str, params: HwParams, calib_text: str | None = None,
@@ -69,11 +71,11 @@ def compile_model(model_path, out, preset: str, params: HwParams, calib_text: st
     bar = pbar(progress)
     model = load_gguf(model_path, progress=bar and (lambda it: bar(it, desc="import")))
     tok = Tokenizer.from_gguf(model.path)
-    recipe, comp = compress_for_preset(model, tok, preset, params.group_size, calib_text, bar)
+    recipe, comp = compress_for_preset(model, tok, preset, calib_text, bar)
     w = ArtifactWriter(params, model.config, preset)
     items = list(comp.items())
     for name, ct in (bar(items, desc="pack") if bar else items):
-        w.add_tensor(name, ct.q, ct.scales, ct.shift, ct.fmt, ct.mask)
+        w.add_tensor(name, ct.qt)
     c = model.config
     for i in range(c.n_layers):
         w.add_table(f"blk.{i}.attn_norm", model.layer(i, "attn_norm"))

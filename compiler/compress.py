@@ -4,12 +4,18 @@ Pipeline for one model and one :class:`Recipe`:
 
 1. **Calibrate**: run the float reference over calibration text and keep, for every
    linear input, the Hessian ``H = E[x x^T]``.
-2. **Prune and quantize** each matrix to signed INTb with one fixed-point scale per group
-   of G inputs (:mod:`flightllm.hw.formats`). Sparse formats use one optimal-brain-surgeon
+0. **Native** (preset ``native``, the default): every matrix keeps its GGUF integers and
+   binary16 scales (Q8_0, Q4_0, Q4_1: :data:`flightllm.hw.formats.GGUF_NATIVE`); nothing
+   below runs.
+2. **Prune and quantize** each matrix to INTb with one binary16 scale (and min, for
+   ``intBm``) per group (:mod:`flightllm.hw.formats`). Sparse formats use one optimal-brain-surgeon
    sweep (:mod:`.obs`): SparseGPT's N:M mask along the input axis and GPTQ rounding, the
    error of every column compensated on the columns not yet done. Dense formats use
-   round-to-nearest with a per-block clip search weighted by ``||X_k||^2`` (it beat GPTQ on
-   held-out text here; ``method="obs"`` forces GPTQ, ``"rtn"`` forces Wanda + RTN).
+   round-to-nearest weighted by ``||X_k||^2``: symmetric formats use the full two's
+   complement range with a per-group clip search (llama.cpp's Q4_0 maps the largest
+   magnitude to -2**(B-1)), formats with a min a weighted least-squares fit of scale and
+   min (it beat GPTQ on held-out text here; ``method="obs"`` forces GPTQ, ``"rtn"``
+   forces Wanda + RTN).
 3. **Allocate** (mixed presets): for every matrix and candidate format the output error
    ``tr(dW H dW^T)`` is *measured*, and every matrix's sensitivity (KL at the logits per
    unit of that error, :func:`measure_sensitivity`); a greedy knapsack then upgrades the
@@ -23,14 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..hw.formats import SCALE_BITS, WeightFormat, quantize_groups
+from ..hw.formats import GGUF_NATIVE, QTensor, WeightFormat, fit_scales, nm_mask as _nm_mask_by_score
 from .gguf_import import LINEARS, LlamaModel
 from .obs import obs_compress
 from .reference import FloatLlama, log_softmax
 
 __all__ = ["Recipe", "PRESETS", "get_recipe", "calibrate", "nm_mask", "compress_tensor",
            "CompressedTensor", "compress_model", "measure_candidates", "measure_sensitivity",
-           "allocate_mixed", "SENSITIVITY_PROBE",
+           "allocate_mixed", "SENSITIVITY_PROBE", "DEFAULT_PRESET", "quantize_sym", "quantize_asym", "quantize_two_level",
            "model_tensor_names", "input_stat_key", "bytes_per_param"]
 
 # Which calibration statistic feeds each linear (q, k, v share their input, gate/up too).
@@ -47,13 +53,14 @@ class Recipe:
     ``attn``, ``mlp`` and ``embed`` name the format of attention projections, MLP
     projections and the (tied) embedding / LM head; ``budget_bpp`` (bytes per
     parameter, embeddings included) switches to measured mixed allocation over
-    ``candidates``. ``float`` is no compression at all.
+    ``candidates``. ``float`` is no compression at all; ``native`` keeps each tensor's
+    own GGUF format.
     """
 
     name: str
-    attn: str = "int8"
-    mlp: str = "int8"
-    embed: str = "int8"
+    attn: str = "int8/32"
+    mlp: str = "int8/32"
+    embed: str = "int8/32"
     budget_bpp: float | None = None
     candidates: tuple = ()
     description: str = ""
@@ -63,38 +70,43 @@ class Recipe:
     def is_float(self) -> bool:
         return self.name == "float"
 
+    @property
+    def is_native(self) -> bool:
+        return self.name == "native"
+
 
 # Dense widths only: a sparse candidate's error is measured after SparseGPT fitted it to
 # the very calibration tokens it is measured on, so it looks far better than it is on
 # held-out text, and the knapsack then picked sparse formats that cost +80% perplexity
 # (docs/quality.md). Sparse formats stay available through the fixed presets.
-_MIXED_CANDIDATES = ("int8", "int4", "int3")
-SENSITIVITY_PROBE = "int3"      #: format whose effect on the logits calibrates each tensor's error
+_MIXED_CANDIDATES = ("int8/32", "int4m/32", "int4/32")
+SENSITIVITY_PROBE = "int4/32"   #: format whose effect on the logits calibrates each tensor's error
 
 PRESETS = {r.name: r for r in [
+    Recipe("native", description="every tensor in its own GGUF format (Q8_0, Q4_0, Q4_1): no requantization"),
     Recipe("float", description="unquantized float32 reference"),
-    Recipe("w8", "int8", "int8", "int8", description="dense INT8 everywhere"),
-    Recipe("w4", "int4", "int4", "int4", description="dense INT4 everywhere"),
-    Recipe("w4-e8", "int4", "int4", "int8", description="dense INT4, INT8 embedding/LM head"),
-    Recipe("w4-gptq", "int4", "int4", "int4", method="obs",
+    Recipe("w8", "int8/32", "int8/32", "int8/32", description="dense INT8 everywhere (Q8_0 layout)"),
+    Recipe("w4", "int4/32", "int4/32", "int4/32", description="dense INT4, symmetric (Q4_0 layout), 4.5 bits"),
+    Recipe("w4m", "int4m/32", "int4m/32", "int4m/32",
+           description="dense INT4 with a min (Q4_1 layout), 5 bits"),
+    Recipe("w4k", "int4k/32", "int4k/32", "int4k/32",
+           description="dense INT4 with a min, two-level 8-bit group scales (K-quant style), 4.5 bits"),
+    Recipe("w4k-e8", "int4k/32", "int4k/32", "int8/32",
+           description="w4k layers, INT8 embedding/LM head"),
+    Recipe("w4-e8", "int4/32", "int4/32", "int8/32", description="dense INT4, INT8 embedding/LM head"),
+    Recipe("w4-gptq", "int4/32", "int4/32", "int4/32", method="obs",
            description="dense INT4 by GPTQ column updates instead of round-to-nearest, for comparison"),
-    Recipe("w4-2:4-mlp-rtn", "int4", "int4-2:4", "int4", method="rtn",
+    Recipe("w4-2:4-mlp-rtn", "int4/32", "int4-2:4/64", "int4/32", method="rtn",
            description="as w4-2:4-mlp with Wanda + round-to-nearest (no SparseGPT/GPTQ)"),
-    Recipe("w3", "int3", "int3", "int4", description="dense INT3 layers, INT4 embedding"),
-    Recipe("w8-2:4", "int8-2:4", "int8-2:4", "int8", description="2:4 sparse INT8 layers"),
-    Recipe("w4-2:4", "int4-2:4", "int4-2:4", "int4", description="2:4 sparse INT4 layers"),
-    Recipe("w4-2:4-mlp", "int4", "int4-2:4", "int4", description="2:4 sparse INT4 MLP, dense INT4 attention"),
-    Recipe("w4-4:8-mlp", "int4", "int4-4:8", "int4", description="4:8 sparse INT4 MLP, dense INT4 attention"),
-    Recipe("w4-8:16-mlp", "int4", "int4-8:16", "int4", description="8:16 sparse INT4 MLP, dense INT4 attention"),
-    Recipe("w4-1:4-mlp", "int4", "int4-1:4", "int4", description="1:4 sparse INT4 MLP, dense INT4 attention"),
-    Recipe("w4-2:8-mlp", "int4", "int4-2:8", "int4", description="2:8 sparse INT4 MLP, dense INT4 attention"),
-    Recipe("mixed-4.4b", budget_bpp=4.4 / 8, candidates=_MIXED_CANDIDATES,
-           description="measured mixed precision at 4.4 bits (0.55 B) per parameter"),
-    Recipe("mixed-4b", budget_bpp=4.0 / 8, candidates=_MIXED_CANDIDATES,
-           description="measured mixed precision at 4 bits (0.5 B) per parameter"),
-    Recipe("mixed-3.6b", budget_bpp=3.6 / 8, candidates=_MIXED_CANDIDATES,
-           description="measured mixed precision at 3.6 bits (0.45 B) per parameter"),
+    Recipe("w4-2:4", "int4-2:4/64", "int4-2:4/64", "int4/32", description="2:4 sparse INT4 layers"),
+    Recipe("w4-2:4-mlp", "int4/32", "int4-2:4/64", "int4/32", description="2:4 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("w4-4:8-mlp", "int4/32", "int4-4:8/64", "int4/32", description="4:8 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("mixed-5b", budget_bpp=5.0 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision at 5 bits (0.625 B) per parameter"),
+    Recipe("mixed-6b", budget_bpp=6.0 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision at 6 bits (0.75 B) per parameter"),
 ]}
+DEFAULT_PRESET = "native"
 
 
 def get_recipe(name: str) -> Recipe:
@@ -154,40 +166,30 @@ def nm_mask(w: np.ndarray, n_keep: int, m: int, act_sq: np.ndarray | None = None
     """Boolean mask keeping the ``n_keep`` highest-scoring weights of every m-window.
 
     Score is Wanda's ``|W| * ||X||`` when ``act_sq`` (per-input mean square) is given,
-    plain magnitude otherwise. Ties keep the earlier position.
+    plain magnitude otherwise (:func:`flightllm.hw.formats.nm_mask`; ties keep the earlier).
     """
-    n, k = w.shape
-    if k % m:
-        raise ValueError(f"input size {k} is not a multiple of m={m}")
     score = np.abs(w) if act_sq is None else np.abs(w) * np.sqrt(act_sq)[None, :]
-    sw = score.reshape(n, k // m, m)
-    keep = np.argsort(-sw, axis=2, kind="stable")[..., :n_keep]
-    mask = np.zeros(sw.shape, dtype=bool)
-    np.put_along_axis(mask, keep, True, axis=2)
-    return mask.reshape(n, k)
+    return _nm_mask_by_score(score, n_keep, m)
 
 
 @dataclass
 class CompressedTensor:
-    """A compressed matrix: integers, scales and what they cost."""
+    """A compressed matrix (:class:`~flightllm.hw.formats.QTensor`) and what it costs."""
 
     name: str
-    fmt: WeightFormat
-    q: np.ndarray            # int8 (N, K), 0 where pruned
-    scales: np.ndarray       # uint16 (N, K // G)
-    shift: int
-    mask: np.ndarray         # bool (N, K)
+    qt: QTensor
     error: float | None = None   # output error tr(dW H dW^T) per calibration token, if measured
 
+    @property
+    def fmt(self) -> WeightFormat:
+        return self.qt.fmt
+
     def dequantize(self) -> np.ndarray:
-        g = self.fmt.group_size
-        s = np.repeat(self.scales.astype(np.float64) * 2.0 ** -self.shift, g, axis=1)
-        return (self.q * s).astype(np.float32)
+        return self.qt.dequantize()
 
     @property
     def nbytes(self) -> float:
-        n, k = self.q.shape
-        return n * k * self.fmt.bits_per_weight() / 8
+        return self.qt.nbytes
 
 
 def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray | None,
@@ -209,9 +211,8 @@ def compress_tensor(name: str, w: np.ndarray, fmt: WeightFormat, hessian: np.nda
         raise ValueError(f"tensor {name!r}: input size {k} is not a multiple of m={fmt.m}")
     if method == "auto":
         method = "rtn" if fmt.dense else "obs"
-    if method == "obs" and hessian is not None:
-        q, s, sh, full_mask = obs_compress(w, fmt, hessian)
-        ct = CompressedTensor(name, fmt, q, s, sh, full_mask)
+    if method == "obs" and hessian is not None and not fmt.has_min:
+        ct = CompressedTensor(name, obs_compress(w, fmt, hessian))
     elif method in ("obs", "rtn"):      # (obs without a Hessian falls back to rtn)
         ct = _rtn_compress(name, w, fmt, None if hessian is None else np.diag(hessian))
     else:
@@ -229,31 +230,159 @@ def _rtn_compress(name, w, fmt, act_sq):
     weight = np.ones(k, np.float32) if act_sq is None else np.maximum(act_sq, 1e-12).astype(np.float32)
     mask = None if fmt.dense else nm_mask(w, fmt.n_keep, fmt.m, act_sq)
     wm = w if mask is None else np.where(mask, w, 0.0).astype(np.float32)
+    quant = quantize_two_level if fmt.two_level else quantize_asym if fmt.has_min else quantize_sym
+    return CompressedTensor(name, quant(wm, fmt, weight, mask))
+
+
+def _weighted_err(deq, wm, weight, g):
+    n, k = wm.shape
+    return ((deq - wm) ** 2 * weight[None, :]).reshape(n, k // g, g).sum(axis=2)
+
+
+def _final(fmt, wm, scale, mn, mask):
+    """Integers for binary16 scales (and mins) that fit the hardware, then the QTensor."""
     g = fmt.group_size
-    clips = (1.0,) if fmt.bits >= 8 else _CLIPS
-    best_err, best_clip = None, None
-    for c in clips:
-        q, s, sh = quantize_groups(w, fmt, mask, clip=c)
-        deq = q * np.repeat(s.astype(np.float32) * np.float32(2.0 ** -sh), g, axis=1)
-        err = ((deq - wm) ** 2 * weight[None, :]).reshape(n, k // g, g).sum(axis=2)
-        if best_err is None:
-            best_err, best_clip = err, np.full(err.shape, c, np.float32)
+    scale = fit_scales(scale)
+    d = np.repeat(scale.astype(np.float32), g, axis=1)
+    off = 0.0 if mn is None else np.repeat(mn.astype(np.float32), g, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d != 0, np.rint((wm - off) / d), 0.0)
+    q = np.clip(q, fmt.qmin, fmt.qmax).astype(np.int8)
+    if mask is not None:
+        q[~mask] = 0
+    return QTensor(fmt, q, scale, mn, mask)
+
+
+def quantize_sym(wm: np.ndarray, fmt: WeightFormat, weight: np.ndarray, mask=None) -> QTensor:
+    """Signed round-to-nearest over the full two's complement range, per-group clip search.
+
+    As llama.cpp's Q4_0: the value of largest magnitude maps to ``-2**(B-1)`` (one more
+    level than a symmetric grid), its scale shrunk by the clip ratio with the least
+    ``weight``-ed squared error."""
+    n, k = wm.shape
+    g = fmt.group_size
+    grp = wm.reshape(n, k // g, g)
+    idx = np.abs(grp).argmax(axis=2)
+    peak = np.take_along_axis(grp, idx[..., None], axis=2)[..., 0]          # signed largest magnitude
+    lo = -(1 << (fmt.bits - 1))
+    best_err, best = None, None
+    for c in ((1.0,) if fmt.bits >= 8 else _CLIPS):
+        scale = peak * np.float32(c) / np.float32(lo) if fmt.bits < 8 else np.abs(peak) / np.float32(fmt.qmax)
+        qt = _final(fmt, wm, scale, None, mask)
+        err = _weighted_err(qt.dequantize(), wm, weight, g)
+        if best is None:
+            best_err, best = err, qt.scale.astype(np.float32)
         else:
             better = err < best_err
             best_err = np.where(better, err, best_err)
-            best_clip = np.where(better, np.float32(c), best_clip)
-    q, s, sh = quantize_groups(w, fmt, mask, clip=best_clip)
-    return CompressedTensor(name, fmt, q, s, sh, np.ones(w.shape, bool) if mask is None else mask)
+            best = np.where(better, qt.scale.astype(np.float32), best)
+    return _final(fmt, wm, best, None, mask)
 
 
-def _fixed_format(recipe: Recipe, tensor_name: str, group_size: int) -> WeightFormat:
+def _refit_two_level(x, wt, q, D, Mn, top):
+    """Least-squares (d, mn) per group for fixed integers, then rounded onto the sub-scale grids."""
+    sw, sq, sx = wt.sum(2), (wt * q).sum(2), (wt * x).sum(2)
+    sqq, sqx = (wt * q * q).sum(2), (wt * q * x).sum(2)
+    det = sw * sqq - sq * sq
+    ok = det > 1e-30
+    d = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), 0.0)
+    mn = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), 0.0)
+    sc = np.clip(np.rint(d / D), 0, top) if D else np.zeros_like(d)
+    sm = np.clip(np.rint(mn / Mn), 0, top) if Mn else np.zeros_like(mn)
+    return sc, sm
+
+
+def quantize_two_level(wm: np.ndarray, fmt: WeightFormat, weight: np.ndarray, mask=None, iters: int = 3) -> QTensor:
+    """Two-level ``intBk``: the per-group (scale, min) of :func:`quantize_asym`, expressed as
+    8-bit multiples of one binary16 ``D`` and ``Mn`` per tensor, then alternating integer
+    rounding and a ``weight``-ed least-squares refit of each group's (sub-scale, sub-min);
+    the best iterate per group is kept. (From SmolLM2's Q4_1 weights: +1.4% perplexity in the
+    float forward at 4.5 bits, against +27% for symmetric ``int4/32``.)"""
+    from ..hw.formats import SUB_BITS, SUB_EXP_SPAN
+
+    n, k = wm.shape
+    g = fmt.group_size
+    top = (1 << SUB_BITS) - 1
+    base = quantize_asym(wm, WeightFormat(fmt.bits, group_size=g, has_min=True), weight)
+    d0, m0 = (a.astype(np.float64) for a in base.group_scales())
+    # tensor D and Mn: the largest scale and most negative min map to sub-value 255; their
+    # binary16 exponents may lie at most SUB_EXP_SPAN apart (the smaller is raised if not)
+    D = float(np.float16(d0.max() / top * (1 + 2 ** -10))) if d0.max() > 0 else 0.0
+    Mn = float(np.float16(m0.min() / top * (1 + 2 ** -10))) if m0.min() < 0 else 0.0
+    big = max(abs(D), abs(Mn))
+    if big:
+        lo = 2.0 ** max(int(np.floor(np.log2(big))) - SUB_EXP_SPAN, -14)
+        D = max(D, lo) if D else 0.0
+        Mn = min(Mn, -lo) if Mn else 0.0
+    D, Mn = float(np.float16(D)), float(np.float16(Mn))
+    x = wm.reshape(n, k // g, g).astype(np.float64)
+    wt = np.broadcast_to(weight.reshape(1, k // g, g), x.shape).astype(np.float64)
+    sc = np.clip(np.rint(d0 / D), 0, top) if D else np.zeros_like(d0)
+    sm = np.clip(np.rint(m0 / Mn), 0, top) if Mn else np.zeros_like(m0)
+    best_err = best_sc = best_sm = None
+    for _ in range(iters + 1):
+        d, mn = D * sc, Mn * sm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d[..., None] > 0, np.clip(np.rint((x - mn[..., None]) / d[..., None]), 0, fmt.qmax), 0.0)
+        err = (((q * d[..., None] + mn[..., None]) - x) ** 2 * wt).sum(2)
+        if best_err is None:
+            best_err, best_sc, best_sm = err, sc, sm
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_sc, best_sm = np.where(better, sc, best_sc), np.where(better, sm, best_sm)
+        sc, sm = _refit_two_level(x, wt, q, D, Mn, top)
+    d, mn = D * best_sc, Mn * best_sm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[..., None] > 0, np.clip(np.rint((x - mn[..., None]) / d[..., None]), 0, fmt.qmax), 0.0)
+    return QTensor(fmt, q.reshape(n, k).astype(np.int8), best_sc.astype(np.uint8), best_sm.astype(np.uint8),
+                   None, np.float16(D), np.float16(Mn))
+
+
+def quantize_asym(wm: np.ndarray, fmt: WeightFormat, weight: np.ndarray, mask=None, iters: int = 4) -> QTensor:
+    """Unsigned values with a scale and a min per group: range start, then alternating
+    rounding and a ``weight``-ed least-squares refit of (scale, min) per group, as
+    llama.cpp's ``make_qkx`` quantizers do; the best of the iterates per group is kept."""
+    n, k = wm.shape
+    g = fmt.group_size
+    top = float(fmt.qmax)
+    x = wm.reshape(n, k // g, g).astype(np.float64)
+    wt = np.broadcast_to(weight.reshape(1, k // g, g), x.shape).astype(np.float64)
+    lo, hi = x.min(axis=2), x.max(axis=2)
+    lo = np.minimum(lo, 0.0)                       # the min never above 0, as llama.cpp's
+    d = (hi - lo) / top
+    mn = lo
+    best_err, best_d, best_m = None, None, None
+    for _ in range(iters + 1):
+        qt = _final(fmt, wm, d.astype(np.float32), mn.astype(np.float32).astype(np.float16), mask)
+        err = _weighted_err(qt.dequantize(), wm, weight, g)
+        if best_err is None:
+            best_err, best_d, best_m = err, qt.scale.astype(np.float64), qt.min.astype(np.float64)
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d = np.where(better, qt.scale.astype(np.float64), best_d)
+            best_m = np.where(better, qt.min.astype(np.float64), best_m)
+        # least squares of x ~ d * q + mn over the group with the current integers
+        q = qt.q.reshape(x.shape).astype(np.float64)
+        sw, sq, sx = wt.sum(2), (wt * q).sum(2), (wt * x).sum(2)
+        sqq, sqx = (wt * q * q).sum(2), (wt * q * x).sum(2)
+        det = sw * sqq - sq * sq
+        ok = det > 1e-30
+        d = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), d)
+        mn = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), mn)
+        d = np.maximum(d, 0.0)
+    return _final(fmt, wm, best_d.astype(np.float32), best_m.astype(np.float16), mask)
+
+
+def _fixed_format(recipe: Recipe, tensor_name: str) -> WeightFormat:
     if tensor_name in ("token_embd.weight", "output.weight"):
         text = recipe.embed
     elif ".attn_" in tensor_name:
         text = recipe.attn
     else:
         text = recipe.mlp
-    return WeightFormat.parse(text, group_size)
+    return WeightFormat.parse(text)
 
 
 def _allocate(cands: dict, budget_bytes: float) -> dict:
@@ -290,7 +419,7 @@ def _allocate(cands: dict, budget_bytes: float) -> dict:
 
 
 def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
-                   group_size: int = 64, progress=None, probe_tokens=None) -> dict:
+                   progress=None, probe_tokens=None) -> dict:
     """Compress every packed matrix of ``model``; returns name -> CompressedTensor.
 
     Mixed recipes measure every candidate, then (given ``probe_tokens``) each matrix's
@@ -299,26 +428,29 @@ def compress_model(model: LlamaModel, recipe: Recipe, act_stats: dict | None,
     if recipe.is_float:
         raise ValueError("the 'float' preset is the uncompressed reference; nothing to compress")
     names = model_tensor_names(model)
+    if recipe.is_native:
+        from .gguf_import import native_tensors
+        return {nm: CompressedTensor(nm, qt) for nm, qt in native_tensors(model.path, names).items()}
     out = {}
     if recipe.budget_bpp is None:
         it = progress(names, desc=f"compress {recipe.name}") if progress else names
         for nm in it:
-            fmt = _fixed_format(recipe, nm, group_size)
+            fmt = _fixed_format(recipe, nm)
             out[nm] = compress_tensor(nm, model.tensors[nm], fmt, _hessian(act_stats, nm), recipe.method,
                                       measure=False)
         return out
-    trials = measure_candidates(model, recipe.candidates, act_stats, group_size, progress, recipe.method)
+    trials = measure_candidates(model, recipe.candidates, act_stats, progress, recipe.method)
     sens = None if probe_tokens is None else measure_sensitivity(model, trials, probe_tokens, progress=progress)
     return allocate_mixed(model, recipe, trials, sens)
 
 
-def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None, group_size: int = 64,
+def measure_candidates(model: LlamaModel, candidates, act_stats: dict | None,
                        progress=None, method: str = "auto") -> dict:
     """Compress every matrix in every candidate format: (name, format) -> CompressedTensor.
 
     The measured errors drive :func:`allocate_mixed`; one measurement serves any budget.
     """
-    fmts = [WeightFormat.parse(c, group_size) for c in candidates]
+    fmts = [WeightFormat.parse(c) for c in candidates]
     work = [(nm, f) for nm in model_tensor_names(model) for f in fmts]
     it = progress(work, desc="measure candidates") if progress else work
     return {(nm, f.name): compress_tensor(nm, model.tensors[nm], f, _hessian(act_stats, nm), method)

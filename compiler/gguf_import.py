@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["GGUFError", "ModelConfig", "LlamaModel", "load_gguf", "default_model_path",
-           "SUPPORTED_TYPES"]
+           "SUPPORTED_TYPES", "native_tensors"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -244,3 +244,38 @@ def load_gguf(path=None, progress=None) -> LlamaModel:
     if cfg.tied_embeddings:
         tensors["output.weight"] = tensors["token_embd.weight"]
     return LlamaModel(cfg, tensors, str(path))
+
+
+def native_tensors(path, names) -> dict:
+    """The GGUF's own integers and scales of the named matrices, as
+    :class:`~flightllm.hw.formats.QTensor` (``native`` preset: no requantization).
+
+    Raises
+    ------
+    GGUFError
+        A tensor whose GGUF type has no native format (names the tensor, its type, and
+        a preset that requantizes it).
+    """
+    import gguf
+
+    from ..hw.formats import GGUF_NATIVE, gguf_to_qtensor
+
+    path = default_model_path() if not path else Path(path)
+    reader = _open(path)
+    by_name = {t.name: t for t in reader.tensors}
+    out = {}
+    for name in names:
+        t = by_name.get(name)
+        if t is None:
+            raise GGUFError(f"{path}: missing tensor {name!r}")
+        tname = gguf.GGMLQuantizationType(t.tensor_type).name
+        if tname not in GGUF_NATIVE:
+            raise GGUFError(f"{path}: tensor {name!r} is {tname}, which has no native format "
+                            f"(native: {', '.join(GGUF_NATIVE)}); compile with --preset w8 (or w4) "
+                            "to requantize it")
+        shape = (int(t.shape[1]), int(t.shape[0]))          # GGUF lists the fastest axis first
+        try:
+            out[name] = gguf_to_qtensor(tname, np.asarray(t.data).view(np.uint8), shape)
+        except ValueError as e:
+            raise GGUFError(f"{path}: tensor {name!r} ({tname}): {e}") from None
+    return out

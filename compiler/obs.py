@@ -8,21 +8,21 @@ Hessian (Frantar & Alistarh: GPTQ, 2022; SparseGPT, 2023). At the start of every
 group of ``G`` columns the mask is chosen with SparseGPT's score ``w^2 / [H^-1]_jj^2``
 on the *updated* weights, and the group scale by a clip search on them.
 
-Scales are fixed point (:mod:`flightllm.hw.formats`): the tensor's shift is fixed up
-front from the original weights with one bit of headroom, because the sweep changes the
-weights before later groups get their scale.
+Scales are binary16 (:mod:`flightllm.hw.formats`); their floor (the smallest magnitude
+the tensor's fixed point holds next to its largest scale) is fixed up front from the
+original weights with one bit of headroom, because the sweep changes the weights before
+later groups get their scale. Symmetric formats only (no min).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..hw.formats import SCALE_BITS, WeightFormat
+from ..hw.formats import QTensor, WeightFormat, scale_floor
 
 __all__ = ["obs_compress"]
 
 _CLIPS = np.array([1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7])
-_MANT_MAX = (1 << SCALE_BITS) - 1
 
 
 _FACTORS: dict = {}
@@ -81,24 +81,21 @@ def _factor(h: np.ndarray, damp: float) -> np.ndarray:
 def obs_compress(w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray, damp: float = 0.01):
     """Prune and quantize ``w`` (N, K) minimising the Hessian-weighted output error.
 
-    Returns
-    -------
-    q : int8 (N, K), zero where pruned
-    mant : uint16 (N, K // G) scale mantissas
-    shift : int
-    mask : bool (N, K), True where kept
+    Returns a :class:`~flightllm.hw.formats.QTensor` (values symmetric in +-(2**(B-1) - 1)).
     """
+    if fmt.has_min:
+        raise ValueError(f"OBS compression supports symmetric formats, not {fmt.name}")
     n, k = w.shape
     g = fmt.group_size
     W = w.astype(np.float64).copy()
     dead = np.diag(hessian) == 0
     W[:, dead] = 0.0
     U = _inverse_hessian_factor(hessian, damp)
-    top = np.abs(W).max() / fmt.qmax
-    shift = 0 if top <= 0 else int(np.floor(np.log2(_MANT_MAX / (2.0 * top))))
-    unit = 2.0 ** -shift
+    qmax = (1 << (fmt.bits - 1)) - 1
+    top = 2.0 * np.abs(W).max() / qmax
+    floor = scale_floor(top)
     q = np.zeros((n, k), np.int8)
-    mant = np.zeros((n, k // g), np.uint16)
+    scale = np.zeros((n, k // g), np.float16)
     mask = np.ones((n, k), bool)
     for g0 in range(0, k, g):
         sl = slice(g0, g0 + g)
@@ -117,26 +114,26 @@ def obs_compress(w: np.ndarray, fmt: WeightFormat, hessian: np.ndarray, damp: fl
         wdiag = 1.0 / np.diag(U1) ** 2
         best, best_err = None, None
         for c in _CLIPS if fmt.bits < 8 else _CLIPS[:1]:
-            mt = np.clip(np.rint(amax * c / fmt.qmax / unit), 0, _MANT_MAX)
-            s = (mt * unit)[:, None]
+            mt = np.maximum(amax * c / qmax, np.where(amax > 0, floor, 0.0)).astype(np.float16)
+            s = mt.astype(np.float64)[:, None]
             with np.errstate(divide="ignore", invalid="ignore"):
-                rq = np.where(s > 0, np.clip(np.rint(kept / s), -fmt.qmax, fmt.qmax) * s, 0.0)
+                rq = np.where(s > 0, np.clip(np.rint(kept / s), -qmax, qmax) * s, 0.0)
             err = (((rq - kept) ** 2) * wdiag[None, :]).sum(axis=1)
             if best is None:
                 best, best_err = mt, err
             else:
                 better = err < best_err
                 best, best_err = np.where(better, mt, best), np.where(better, err, best_err)
-        mant[:, g0 // g] = best.astype(np.uint16)
-        s = best * unit
+        scale[:, g0 // g] = best
+        s = best.astype(np.float64)
         inv_s = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), 0.0)
         E1 = np.zeros((n, g))
         for j in range(g):
             col = W1[:, j]
-            qi = np.where(m1[:, j], np.clip(np.rint(col * inv_s), -fmt.qmax, fmt.qmax), 0.0)
+            qi = np.where(m1[:, j], np.clip(np.rint(col * inv_s), -qmax, qmax), 0.0)
             q[:, g0 + j] = qi.astype(np.int8)
             err = (col - qi * s) / U1[j, j]
             W1[:, j:] -= np.outer(err, U1[j, j:])
             E1[:, j] = err
         W[:, g0 + g:] -= E1 @ U[sl, g0 + g:]
-    return q, mant, shift, mask
+    return QTensor(fmt, q, scale, None, None if fmt.dense else mask)

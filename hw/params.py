@@ -18,8 +18,9 @@ DSP group
     cascade. Between groups a configurable link either continues the sum or ends a
     segment at a reduction node, so one chain can serve several N:M patterns.
 quant group
-    ``group_size`` consecutive input elements of a weight row that share one
-    fixed-point scale.
+    consecutive input elements of a weight row that share one scale (and min); its
+    size is part of the weight format (:mod:`flightllm.hw.formats`), 32 for GGUF's
+    Q8_0 / Q4_0 / Q4_1. One group is ``bpb`` whole beats of a chain.
 """
 
 from __future__ import annotations
@@ -28,7 +29,22 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-__all__ = ["HwParams", "PRESETS", "get_preset"]
+from .formats import WeightFormat
+
+__all__ = ["HwParams", "PRESETS", "get_preset", "DEFAULT_FORMATS", "ACT_MAX", "WEIGHT_MAX", "FACTOR_MAX"]
+
+#: The matrix engine's number ranges (every build: ``act_bits`` 8, ``act_factor_bits`` 8).
+ACT_MAX = 127        #: activations are INT8 in [-ACT_MAX, ACT_MAX] (the requantizers never emit -128)
+WEIGHT_MAX = 128     #: largest |weight| of an INT8-widened lane (two's complement -128)
+FACTOR_MAX = 255     #: largest per-group activation factor (8 bits unsigned)
+
+#: GGUF's Q8_0, Q4_0 and Q4_1 as they are (``native``), the two-level 4.5-bit
+#: ``int4k/32`` of ``w4k``, and the 2:4 / 4:8-sparse INT4 formats of the sparse presets,
+#: with groups of 64 so a group's 32 kept weights fill one 32-lane beat. Dropped from v1: 8:16 (a 16:1 sparse MUX on every
+#: lane), 1:4 and 2:8 (8 kept per 32-group: chain segments with their own scales) and
+#: INT2/INT3 and 2:4 INT8 (no preset within the quality targets used them; int8-2:4/64
+#: would also grow the largest record, the aligner's width, from 1088 to 1344 bits).
+DEFAULT_FORMATS = ("int8/32", "int4/32", "int4m/32", "int4k/32", "int4-2:4/64", "int4-4:8/64")
 
 
 @dataclass(frozen=True)
@@ -47,21 +63,17 @@ class HwParams:
         MACs per chain (kept weights consumed per chain per cycle).
     dsp_group : int
         MACs per DSP cascade group; ``chain_len`` is a multiple of it.
-    group_size : int
-        Input elements sharing one weight scale (G).
-    weight_bits : tuple of int
-        Signed weight widths the dequant units accept.
-    nm_patterns : tuple of (int, int)
-        ``(n_keep, m)`` sparsity patterns the sparse MUX supports; ``(m, m)`` is dense
-        and always allowed for the widest ``m`` that divides ``group_size``.
+    weight_formats : tuple of str
+        The packed weight formats this build runs (:class:`~flightllm.hw.formats.WeightFormat`
+        names such as ``int4m/32``); the compiler refuses any other. Each adds a case
+        to the dequant unit's lane muxes, and the largest ``m`` sets every lane's sparse MUX.
     act_bits : int
-        Width of activations entering the matrix engine.
-    psum_bits : int
-        Width of the per-quant-group partial sum (int32 in the golden model).
-    scale_bits : int
-        Width of the unsigned fixed-point group scale mantissa.
+        Width of activations entering the matrix engine (INT8, in [-127, 127]).
+    act_factor_bits : int
+        Width of the unsigned per-group activation factor ``u`` (the requantizer's
+        group scale relative to the vector's: :func:`flightllm.runtime.sfu.requantize_groups`).
     acc_bits : int
-        Width of the scaled accumulator (the DSP48E2 P register is 48 bits).
+        Width of the wrapping per-row accumulator of the scaled group sums.
     weight_channels : int
         HBM pseudo-channels that stream weights (one streamer and dequant unit each);
         ``chains`` must be a multiple of it.
@@ -93,13 +105,10 @@ class HwParams:
     chains: int
     chain_len: int
     dsp_group: int
-    group_size: int = 64
-    weight_bits: tuple = (8, 4, 3, 2)
-    nm_patterns: tuple = ((1, 4), (2, 4), (2, 8), (4, 8), (8, 16), (4, 4), (8, 8), (16, 16))
+    weight_formats: tuple = DEFAULT_FORMATS
     act_bits: int = 8
-    psum_bits: int = 32
-    scale_bits: int = 16
-    acc_bits: int = 48
+    act_factor_bits: int = 8
+    acc_bits: int = 64
     weight_channels: int = 2
     kv_channels: int = 1
     hbm_port_bits: int = 512
@@ -115,7 +124,7 @@ class HwParams:
             if not cond:
                 raise ValueError(f"HwParams {self.name!r}: {what}")
 
-        for f in ("chains", "chain_len", "dsp_group", "group_size", "weight_channels",
+        for f in ("chains", "chain_len", "dsp_group", "weight_channels",
                   "kv_channels", "hbm_port_bits", "act_buf_depth", "kv_tile",
                   "sfu_lanes", "max_seq_len", "mm_tokens"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
@@ -125,13 +134,20 @@ class HwParams:
         # Each weight streamer feeds a fixed set of chains (see formats.stripe_order).
         need(self.chains % self.weight_channels == 0,
              f"chains ({self.chains}) must be a multiple of weight_channels ({self.weight_channels})")
-        for n, m in self.nm_patterns:
-            need(0 < n <= m and m & (m - 1) == 0,
-                 f"N:M pattern {n}:{m} needs 0 < n <= m and m a power of two")
-            need(self.group_size % m == 0,
-                 f"N:M pattern {n}:{m}: m must divide group_size {self.group_size}")
-        for b in self.weight_bits:
-            need(2 <= b <= self.act_bits, f"weight width {b} must be in 2..{self.act_bits}")
+        need(isinstance(self.weight_formats, tuple) and self.weight_formats,
+             "weight_formats must be a non-empty tuple of format names")
+        for name in self.weight_formats:
+            try:
+                fmt = WeightFormat.parse(name)
+            except ValueError as e:
+                need(False, f"weight_formats: {e}")
+            need(fmt.name == name, f"weight_formats: write {name!r} as {fmt.name!r}")
+            need(fmt.kept_per_group % self.chain_len == 0,
+                 f"format {name} keeps {fmt.kept_per_group} weights per group, not a multiple of "
+                 f"chain_len {self.chain_len} (a beat never splits a group's lanes)")
+        need(len(set(self.weight_formats)) == len(self.weight_formats), "weight_formats lists a format twice")
+        need(self.act_bits == 8 and self.act_factor_bits == 8,
+             "act_bits and act_factor_bits must be 8 (ACT_MAX, FACTOR_MAX and the SFU's requantizers assume it)")
         need(self.max_seq_len % self.kv_tile == 0,
              f"max_seq_len ({self.max_seq_len}) must be a multiple of kv_tile ({self.kv_tile})")
 
@@ -144,18 +160,27 @@ class HwParams:
     @property
     def hbm_weight_bytes_per_cycle(self) -> float:
         """Weight bytes the streamers deliver per kernel cycle (bandwidth-bound)."""
-        per_channel = min(self.hbm_channel_gbps * 1e9 / (self.clock_mhz * 1e6),
-                          self.hbm_port_bits / 8)
-        return per_channel * self.weight_channels
+        return self.hbm_channel_bytes_per_cycle * self.weight_channels
 
-    def supports(self, n_keep: int, m: int, bits: int) -> bool:
-        return (n_keep, m) in self.nm_patterns and bits in self.weight_bits
+    @property
+    def hbm_channel_bytes_per_cycle(self) -> float:
+        """Bytes one pseudo-channel delivers per kernel cycle (bandwidth- or port-bound)."""
+        return min(self.hbm_channel_gbps * 1e9 / (self.clock_mhz * 1e6), self.hbm_port_bits / 8)
+
+    def formats(self) -> tuple:
+        """The build's :class:`~flightllm.hw.formats.WeightFormat` set, in ``weight_formats`` order."""
+        return tuple(WeightFormat.parse(n) for n in self.weight_formats)
+
+    def check_format(self, fmt: WeightFormat, what: str = "tensor") -> None:
+        """Raise ``ValueError`` naming ``what`` if the build does not run ``fmt``."""
+        if fmt.name not in self.weight_formats:
+            raise ValueError(f"{what}: format {fmt.name} is not in hardware preset {self.name!r}'s "
+                             f"set ({', '.join(self.weight_formats)})")
 
     # -- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["weight_bits"] = list(self.weight_bits)
-        d["nm_patterns"] = [list(p) for p in self.nm_patterns]
+        d["weight_formats"] = list(self.weight_formats)
         return d
 
     def to_json(self) -> str:
@@ -168,10 +193,8 @@ class HwParams:
         if unknown:
             raise ValueError(f"HwParams: unknown field(s) {sorted(unknown)}")
         d = dict(d)
-        if "weight_bits" in d:
-            d["weight_bits"] = tuple(d["weight_bits"])
-        if "nm_patterns" in d:
-            d["nm_patterns"] = tuple(tuple(p) for p in d["nm_patterns"])
+        if "weight_formats" in d:
+            d["weight_formats"] = tuple(d["weight_formats"])
         return cls(**d)
 
 
@@ -185,7 +208,7 @@ PRESETS = {
                      hbm_channel_gbps=14.375, act_buf_depth=131072, kv_tile=64,
                      sfu_lanes=32, max_seq_len=4096),
     # Versal HBM VHK158: 819 GB/s HBM2e in 64 pseudo-channels of ~12.8 GB/s.
-    "vhk158": HwParams(name="vhk158", clock_mhz=300.0, chains=128, chain_len=64, dsp_group=8,
+    "vhk158": HwParams(name="vhk158", clock_mhz=300.0, chains=256, chain_len=32, dsp_group=8,
                        weight_channels=64, kv_channels=8, hbm_port_bits=512,
                        hbm_channel_gbps=12.8, act_buf_depth=131072, kv_tile=64,
                        sfu_lanes=64, max_seq_len=4096),
@@ -194,12 +217,34 @@ PRESETS = {
                     weight_channels=2, kv_channels=1, hbm_port_bits=256,
                     hbm_channel_gbps=1.6, act_buf_depth=8192, kv_tile=16,
                     sfu_lanes=8, max_seq_len=512),
+    # The sim preset at the u280's per-channel ratios: 4 chains per weight channel and an
+    # HBM port whose sustained rate equals its width at the clock (as on the u280).
+    "sim-mc": HwParams(name="sim-mc", clock_mhz=100.0, chains=8, chain_len=16, dsp_group=4,
+                       weight_channels=2, kv_channels=1, hbm_port_bits=256,
+                       hbm_channel_gbps=3.2, act_buf_depth=8192, kv_tile=16,
+                       sfu_lanes=8, max_seq_len=512),
+    # The u280's own per-channel geometry (4 chains of 32 lanes per 512-bit channel,
+    # dsp_group 8) with 2 of its 32 channels: what the RTL tests simulate of the u280.
+    "u280-2ch": HwParams(name="u280-2ch", clock_mhz=225.0, chains=8, chain_len=32, dsp_group=8,
+                         weight_channels=2, kv_channels=1, hbm_port_bits=512,
+                         hbm_channel_gbps=14.375, act_buf_depth=8192, kv_tile=64,
+                         sfu_lanes=32, max_seq_len=512),
 }
 
 
 def get_preset(name: str) -> HwParams:
-    """Return the named preset, with a clear error for an unknown name."""
-    try:
+    """The named preset, or the parameters of a ``params.json`` file (what every build
+    writes beside its output); a clear error for an unknown name or a bad file."""
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown hardware preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    if str(name).endswith(".json"):
+        from pathlib import Path
+
+        path = Path(name)
+        try:
+            return HwParams.from_dict(json.loads(path.read_text()))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read hardware parameters ({e.strerror})") from None
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: bad hardware parameters ({e})") from None
+    raise ValueError(f"unknown hardware preset {name!r}; choose one of {sorted(PRESETS)} or a params.json file")

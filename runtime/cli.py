@@ -8,17 +8,19 @@ import sys
 import time
 from pathlib import Path
 
+from ..compiler.compress import DEFAULT_PRESET
+
 __all__ = ["add_cli", "resolve_artifact", "cache_dir"]
 
-# What a cached artifact must agree with to be usable: the instruction encoding, the
-# scheduler's programs and memory plan, the packed format and the artifact layout.
-# (A compressor change does not invalidate a cached artifact: it is self-consistent;
-# delete the cache or pass --artifact to pick up a new compressor.)
-# The ISA enters through its generated field table (the encoding), not its source text.
-# Everything that decides an artifact's bytes: a cached compile is reused only while
-# these are unchanged (the compressor included, so no stale weights are ever served).
+# Everything that decides a cached artifact's bytes: it is reused only while these are
+# unchanged. The import (weights and native integers), the float reference (calibration
+# statistics), the tokenizer (calibration tokens, tokenizer.json), the compressor, the
+# packed format, the hardware parameters, the scheduler and the artifact layout; the ISA
+# enters through its generated field table (the encoding), and the model file through
+# its path, size and modification time.
 _SOURCES = ("hw/formats.py", "hw/params.py", "compiler/schedule.py", "compiler/artifact.py",
             "compiler/compress.py", "compiler/obs.py", "compiler/compile.py",
+            "compiler/gguf_import.py", "compiler/reference.py", "compiler/tokenizer.py",
             "compiler/data/calibration.txt")
 
 
@@ -26,11 +28,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLIGHTLLM_CACHE", Path.home() / ".cache" / "flightllm"))
 
 
-def _code_hash() -> str:
+def _code_hash(model=None) -> str:
     root = Path(__file__).resolve().parent.parent
+    from ..compiler.gguf_import import default_model_path
     from ..hw.isa import markdown_table
 
     h = hashlib.sha256(markdown_table().encode())
+    path = Path(model) if model else default_model_path()
+    st = path.stat()
+    h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     for rel in _SOURCES:
         f = root / rel
         h.update(f.read_bytes() if f.is_file() else rel.encode())
@@ -49,7 +55,7 @@ def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = F
     params = get_preset(hw)
     tag = "smollm2" if model is None else Path(model).stem + "-" + hashlib.sha256(
         str(Path(model).resolve()).encode()).hexdigest()[:8]
-    out = cache_dir() / f"{tag}-{preset}-{hw}-{_code_hash()}"
+    out = cache_dir() / f"{tag}-{preset}-{hw}-{_code_hash(model)}"
     if out.is_dir():
         try:
             a = Artifact(out, verify=False)
@@ -177,7 +183,8 @@ def _cmd_disasm(args) -> int:
 
 def _common(p, with_artifact=True):
     p.add_argument("--artifact", help="compiled artifact directory (default: compile SmolLM2 with --preset)")
-    p.add_argument("--preset", default="w8", help="compression preset when no --artifact (default w8)")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"compression preset when no --artifact (default {DEFAULT_PRESET}: the GGUF's own formats)")
     p.add_argument("--hw", default=None, help="hardware preset (default: the artifact's, u280 when compiling)")
     p.add_argument("--backend", default="golden", help="device backend (default golden)")
     p.add_argument("--max-new-tokens", type=int, default=64)

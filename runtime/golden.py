@@ -4,23 +4,23 @@ Memory model
 ------------
 * **Weight HBM** is the artifact's channel images (``weights/chNN.bin``) exactly as
   written: an MV/MM/EMBED names its tensor by the byte offset ``w_off`` (the same in
-  every channel), its shape, format (bits, n_keep, m) and shift; the golden model
-  reads the payload and scale regions from those bytes and unpacks them with
-  :func:`flightllm.hw.formats.unpack_tensor` (the scale region starts at the next
-  64-byte boundary after the payload). Unpacked, prepared weights are cached per
+  every channel), its shape, format (bits, n_keep, m, group, min) and shift; the golden
+  model reads the record streams from those bytes and unpacks them with
+  :func:`flightllm.hw.formats.unpack_tensor`. Unpacked, prepared weights are cached per
   offset.
 * **KV HBM** (space ``KV``) and the **output region** (space ``OUT``) are byte arrays;
   LD/ST move rows of bytes in the layout of :mod:`flightllm.compiler.schedule`.
 * **SFU tables** are ``tables.bin`` as float32 (norm weights, RoPE cos/sin).
 * **Token buffer**: one int32 token id per sequence position, written by the host.
 * **On-chip buffers** (:class:`~flightllm.hw.isa.Buf`): float32 rows, or int8 rows
-  with one float32 scale per segment.
+  with one float32 scale per segment (QUANT, LD_KV), or int8 rows with one float32
+  scale per row and an 8-bit factor per group (QUANTG, the matrix engine's input).
 
 Arithmetic
 ----------
-MPE: exactly :mod:`flightllm.runtime.arith` (INT8 activations x INT8-widened
-weights, int32 per quant group, x uint16 scale, wrapping int48), evaluated by the
-exact fast path :func:`~flightllm.runtime.arith.mpe_accumulate`. Everything else is the
+MPE: exactly :mod:`flightllm.runtime.arith` (INT8 activations with group factors x
+INT8-widened weights, exact group sums x fixed-point scales and mins, wrapping int64),
+evaluated by :func:`~flightllm.runtime.arith.mpe_accumulate`. Everything else is the
 float32 SFU of :mod:`flightllm.runtime.sfu` (the spec of each operation is there).
 
 Timing (the first performance model)
@@ -34,7 +34,7 @@ Each instruction occupies its unit for:
 * other SFU ops: elements x passes / ``sfu_lanes`` (RMSNORM and QUANT 2 passes,
   SOFTMAX 3);
 * LD/ST: bytes / (``kv_channels`` x one channel's bytes per cycle); EMBED: bytes of
-  the gathered rows / one channel's bytes per cycle;
+  the records holding the gathered rows / one channel's bytes per cycle;
 
 at least one cycle. An instruction starts when its unit is free and the tokens it
 waits for have arrived; the four unit timelines are joined only by the tokens and
@@ -66,13 +66,13 @@ from pathlib import Path
 import numpy as np
 from amaranth.lib import enum
 
-from ..hw.formats import ALIGN, PackedTensor, WeightFormat, unpack_tensor
+from ..hw.formats import PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
 from ..hw.isa import LOOP_DEPTH, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
 from ..hw.params import HwParams
 from . import sfu
 from .arith import mpe_accumulate, prepare_weights
 
-__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_region", "set_blas_threads"]
+__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads"]
 
 F32 = np.float32
 
@@ -83,10 +83,6 @@ class GoldenError(ValueError):
 
 class DeadlockError(GoldenError):
     pass
-
-
-def _align(n):
-    return -(-n // ALIGN) * ALIGN
 
 
 def set_blas_threads(n: int) -> bool:
@@ -131,19 +127,22 @@ def _save_npz(path: Path, **arrays):
         pass
 
 
-def weight_region(params: HwParams, fmt: WeightFormat, n: int, k: int):
-    """(payload bytes, scale bytes) one channel holds for an (n, k) tensor of ``fmt``."""
-    blocks = -(-n // params.chains) * (k // fmt.group_size) * (params.chains // params.weight_channels)
-    return blocks * fmt.block_bytes, blocks * 2
+def weight_format(f: dict, what: str) -> WeightFormat:
+    """The :class:`WeightFormat` a weight instruction's fields name (GoldenError if none)."""
+    try:
+        return WeightFormat.from_fields(f.get("bits", 0), f.get("n_keep", 0), f.get("m", 0),
+                                        f.get("group_log2", 0), f.get("kind", 0))
+    except ValueError as e:
+        raise GoldenError(f"{what}: bad weight format fields: {e}") from None
 
 
 _NU = len(TOKEN_UNITS)
 _UNAMES = [u.name for u in TOKEN_UNITS]
 (_NOP, _END, _LOOP, _SETR, _LD_KV, _EMBED, _ST_KV, _ST_OUT, _MV, _MM, _QK, _RMSNORM, _ROPE, _SOFTMAX,
- _SILU_MUL, _ADD, _QUANT, _DEQUANT, _PV, _ARGMAX, _FILL) = (o.value for o in (
+ _SILU_MUL, _ADD, _QUANT, _DEQUANT, _PV, _ARGMAX, _FILL, _QUANTG) = (o.value for o in (
     Opcode.NOP, Opcode.END, Opcode.LOOP, Opcode.SETR, Opcode.LD_KV, Opcode.EMBED, Opcode.ST_KV, Opcode.ST_OUT,
     Opcode.MV, Opcode.MM, Opcode.QK, Opcode.RMSNORM, Opcode.ROPE, Opcode.SOFTMAX, Opcode.SILU_MUL,
-    Opcode.ADD, Opcode.QUANT, Opcode.DEQUANT, Opcode.PV, Opcode.ARGMAX, Opcode.FILL))
+    Opcode.ADD, Opcode.QUANT, Opcode.DEQUANT, Opcode.PV, Opcode.ARGMAX, Opcode.FILL, Opcode.QUANTG))
 _KV, _OUT = Space.KV.value, Space.OUT.value
 _ARGMAX_REG = Reg.ARGMAX.value
 # resources of the hazard check: the on-chip buffers (Buf values) and these pseudo-resources
@@ -203,7 +202,7 @@ class RunStats:
 
 
 class _Weight:
-    __slots__ = ("q", "scales", "shift", "fmt", "wg", "nbytes")
+    __slots__ = ("qt", "S", "M", "shift", "fmt", "wg", "nbytes", "region")
 
 
 class Golden:
@@ -241,8 +240,7 @@ class Golden:
         self.kv = np.zeros(self.plan["kv_bytes"] if functional else 0, dtype=np.uint8)
         self.out = np.zeros(0, dtype=np.uint8)
         self.bufs = {}
-        ch = min(params.hbm_channel_gbps * 1e9 / (params.clock_mhz * 1e6), params.hbm_port_bits / 8)
-        self.ch_bpc = ch
+        self.ch_bpc = params.hbm_channel_bytes_per_cycle
         self._progs = {}
 
     # -- host interface -------------------------------------------------------------
@@ -267,49 +265,51 @@ class Golden:
         if w is not None:
             return w
         n, k = f.get("n_out", 0), f.get("k_in", 0)
-        try:
-            fmt = WeightFormat(f.get("bits", 0), f.get("n_keep", 0), f.get("m", 0), self.p.group_size)
-        except ValueError as e:
-            raise GoldenError(f"instruction {i} ({ins.op.name}): bad weight format fields: {e}") from None
+        what = f"instruction {i} ({ins.op.name})"
+        fmt = weight_format(f, what)
         if n <= 0 or k <= 0 or k % fmt.group_size:
-            raise GoldenError(f"instruction {i} ({ins.op.name}): bad shape n_out={n} k_in={k}")
+            raise GoldenError(f"{what}: bad shape n_out={n} k_in={k}")
         if self.has_tensors:
             hit = self.by_offset.get(off)
             if hit is None:
-                raise GoldenError(f"instruction {i} ({ins.op.name}): no tensor at w_off={off}")
+                raise GoldenError(f"{what}: no tensor at w_off={off}")
             name, t = hit
-            if (list(t["shape"]) != [n, k] or t["format"] != fmt.name or t["shift"] != f.get("shift", 0)
-                    or t["group_size"] != fmt.group_size):
-                raise GoldenError(f"instruction {i} ({ins.op.name}): fields (shape {n}x{k}, {fmt.name}, "
-                                  f"shift {f.get('shift', 0)}) do not match tensor {name!r} at w_off={off}")
-        pay, sc = weight_region(self.p, fmt, n, k)
+            if list(t["shape"]) != [n, k] or t["format"] != fmt.name or t["shift"] != f.get("shift", 0):
+                raise GoldenError(f"{what}: fields (shape {n}x{k}, {fmt.name}, shift {f.get('shift', 0)}) "
+                                  f"do not match tensor {name!r} at w_off={off}")
+        try:
+            self.p.check_format(fmt, what)
+            region = region_bytes(fmt, (n, k), self.p)
+        except ValueError as e:
+            raise GoldenError(str(e)) from None
         w = _Weight()
-        w.fmt, w.shift = fmt, f.get("shift", 0)
-        w.nbytes = (_align(pay) + _align(sc)) * self.p.weight_channels
-        w.q = w.scales = w.wg = None
-        cached = self.weight_cache / f"w{off}-{fmt.name}-{n}x{k}.npz" if self.weight_cache else None
+        w.fmt, w.shift, w.region = fmt, f.get("shift", 0), region
+        w.nbytes = align(region) * self.p.weight_channels
+        w.qt = w.S = w.M = w.wg = None
+        key = f"w{off}-{fmt.name.replace('/', 'g').replace(':', '_')}-{n}x{k}-s{w.shift}.npz"
+        cached = self.weight_cache / key if self.weight_cache else None
         if self.functional and cached is not None and cached.is_file():
             with np.load(cached) as z:
-                w.q, w.scales = z["q"], z["scales"]
+                w.qt = (z["q"], z["S"], z["M"] if fmt.has_min else None)
         elif self.functional:
-            soff = off + _align(pay)
-            payload, scales = [], []
+            data = []
             for c, img in enumerate(self.channels):
-                if soff + sc > len(img):
-                    raise GoldenError(f"instruction {i} ({ins.op.name}): tensor at w_off={off} "
-                                      f"({fmt.name} {n}x{k}) runs past the end of weights/ch{c:02d}.bin")
-                payload.append(img[off:off + pay])
-                scales.append(img[soff:soff + sc])
-            q, s, _ = unpack_tensor(PackedTensor(fmt, (n, k), w.shift, self.p.chains, payload, scales))
-            w.q, w.scales = q, s
+                if off + region > len(img):
+                    raise GoldenError(f"{what}: tensor at w_off={off} ({fmt.name} {n}x{k}) runs past the end "
+                                      f"of weights/ch{c:02d}.bin")
+                data.append(img[off:off + region])
+            qt = unpack_tensor(PackedTensor(fmt, (n, k), w.shift, self.p.chains, self.p.chain_len, data))
+            _, S, M = qt.fixed(w.shift)
+            w.qt = (qt.q, S, M)
             if cached is not None:
-                _save_npz(cached, q=q, scales=s)
+                _save_npz(cached, q=qt.q, S=S, **({"M": M} if M is not None else {}))
         self.weights[off] = w
         return w
 
     def _prepared(self, w: _Weight):
         if w.wg is None:
-            w.wg = prepare_weights(w.q, w.scales, w.fmt.group_size)
+            q, S, M = w.qt
+            w.wg = prepare_weights(q, S, M, w.fmt.group_size, self.p.act_factor_bits)
         return w.wg
 
     # -- buffers -----------------------------------------------------------------
@@ -333,7 +333,7 @@ class Golden:
                               f"rows, needs {rows}")
         if v[0].shape[0] == rows:
             return v
-        return v[0][:rows], v[1][:rows]
+        return v[0][:rows], v[1][:rows], None if v[2] is None else v[2][:rows]
 
     def _scores(self, b, rows, heads, create=True, i=None, ins=None):
         S = self.bufs.get(b)
@@ -505,14 +505,17 @@ class Golden:
                     cell[:] = [w, kept, None]
                 w, kept, prep = cell
                 if fn:
-                    q, s = self._i8(i, ins, src, rows)
-                    if q.shape[1] != k or s.shape[1] != 1:
+                    q, s, u = self._i8(i, ins, src, rows)
+                    ng = k // w.fmt.group_size
+                    if q.shape[1] != k or s.shape[1] != 1 or u is None or u.shape[1] != ng:
                         raise GoldenError(f"instruction {i} ({ins.op.name}): input {Buf(src).name} is "
-                                          f"{q.shape[1]} wide with {s.shape[1]} scales, tensor needs k_in={k}, "
-                                          "one scale")
+                                          f"{q.shape[1]} wide with {s.shape[1]} scales and "
+                                          f"{'no' if u is None else u.shape[1]} group factors; tensor needs "
+                                          f"k_in={k}, one scale, {ng} factors (QUANTG with seg "
+                                          f"{w.fmt.group_size})")
                     if prep is None:
                         prep = cell[2] = self._prepared(w)
-                    acc = mpe_accumulate(prep, q, acc_bits)
+                    acc = mpe_accumulate(prep, q, u, acc_bits)
                     bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
@@ -534,10 +537,14 @@ class Golden:
                     toks = self.tokens[base:base + rows]
                     if toks.min(initial=0) < 0 or toks.max(initial=0) >= n:
                         raise GoldenError(f"instruction {i} (EMBED): token id out of range 0..{n - 1}")
+                    q, S, M = w.qt
                     g = w.fmt.group_size
-                    sc = np.ldexp(w.scales[toks].astype(F32), -w.shift).astype(F32)
-                    bufs[dst] = (w.q[toks].astype(F32).reshape(rows, k // g, g) * sc[..., None]).reshape(rows, k)
-                row_bytes = k // w.fmt.group_size * (w.fmt.block_bytes + 2)
+                    v = q[toks].astype(np.int64).reshape(rows, k // g, g) * S[toks][..., None]
+                    if M is not None:
+                        v += M[toks][..., None]
+                    bufs[dst] = np.ldexp(v.reshape(rows, k).astype(F32), -w.shift).astype(F32)
+                # a row's values lie in one record per group (the records of its channel)
+                row_bytes = w.region // (-(-n // p.chains))
                 self._stats.weight_bytes += rows * row_bytes
                 return rows * row_bytes / ch_bpc
             return h, (_TOK,), (dst,)
@@ -586,7 +593,7 @@ class Golden:
                 def h():
                     rows, addr, nbytes = common()
                     if fn:
-                        q, s = self._i8(i, ins, buf, rows)
+                        q, s, _ = self._i8(i, ins, buf, rows)
                         if q.shape[1] + 4 * s.shape[1] != rb:
                             raise GoldenError(f"instruction {i} (ST_KV): row_bytes {rb} does not match buffer "
                                               f"{Buf(buf).name} ({q.shape[1]} values + {s.shape[1]} scales)")
@@ -601,7 +608,7 @@ class Golden:
                 if fn:
                     vals = rb - 4 * kv_heads
                     raw = self.kv[addr:addr + nbytes].reshape(rows, rb)
-                    bufs[buf] = (raw[:, :vals].copy().view(np.int8), raw[:, vals:].copy().view("<f4"))
+                    bufs[buf] = (raw[:, :vals].copy().view(np.int8), raw[:, vals:].copy().view("<f4"), None)
                 return nbytes / bpc
             return h, (_KVR,), (buf,)
         if op == _QK or op == _PV:
@@ -616,8 +623,8 @@ class Golden:
                     rows = regs[rr] if rr else 1
                     if fn:
                         off = regs[preg] * pmul
-                        q, qs = self._i8(i, ins, src, rows)
-                        k, ks = self._i8(i, ins, kvb, tile)
+                        q, qs, _ = self._i8(i, ins, src, rows)
+                        k, ks, _ = self._i8(i, ins, kvb, tile)
                         sc = sfu.qk_scores(q.reshape(rows, hh, hd), qs, k.reshape(tile, kvh, hd), ks, scale)
                         S = self._scores(dst, rows, hh)
                         if off + tile > S.shape[2]:
@@ -634,7 +641,7 @@ class Golden:
                 first = regs[len_reg] + len_add - off            # valid positions of row 0 in this tile
                 if fn:
                     S = self._scores(src, rows, hh, create=False, i=i, ins=ins)
-                    v, vs = self._i8(i, ins, kvb, tile)
+                    v, vs, _ = self._i8(i, ins, kvb, tile)
                     a = self._f32(i, ins, dst, rows, hh * hd)
                     valid = first + np.arange(rows)
                     out = sfu.pv_accumulate(a.reshape(rows, hh, hd), S[:, :, off:off + tile],
@@ -665,15 +672,28 @@ class Golden:
                     x = self._f32(i, ins, src, rows, n)
                     if n % seg:
                         raise GoldenError(f"instruction {i} (QUANT): seg {seg} does not divide n {n}")
-                    bufs[dst] = sfu.requantize(x, seg)
+                    bufs[dst] = (*sfu.requantize(x, seg), None)
+                return 2 * rows * n / lanes
+            return h, (src,), (dst,)
+        if op == _QUANTG:
+            grp = f.get("seg", 0)
+
+            def h():
+                rows = regs[rr] if rr else 1
+                if fn:
+                    x = self._f32(i, ins, src, rows, n)
+                    if not grp or n % grp:
+                        raise GoldenError(f"instruction {i} (QUANTG): group {grp} does not divide n {n}")
+                    q, a, u = sfu.requantize_groups(x, grp)
+                    bufs[dst] = (q, a[:, None], u)
                 return 2 * rows * n / lanes
             return h, (src,), (dst,)
         if op == _DEQUANT:
             def h():
                 rows = regs[rr] if rr else 1
                 if fn:
-                    q, s = self._i8(i, ins, src, rows)
-                    bufs[dst] = sfu.dequantize(q[:, :n], s)
+                    q, s, u = self._i8(i, ins, src, rows)
+                    bufs[dst] = sfu.dequantize(q[:, :n], s, u)
                 return rows * n / lanes
             return h, (src,), (dst,)
         if op == _ROPE:

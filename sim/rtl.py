@@ -7,8 +7,10 @@ Stimuli and expected results travel to the cocotb testbench as an ``.npz`` file
 golden result with :mod:`flightllm.runtime.arith`; the testbench only drives and
 compares).
 
-A run whose results XML counts a failure is repeated with FST tracing on, and the
-assertion message names the waveform file.
+A run whose results XML counts a failure is repeated on a traced build of the same
+Verilog (FST if the lz4 headers are there, else VCD), and the assertion message names
+the waveform file. The ordinary build has no tracing and only the top module's ports
+public, which keeps the Verilator build (the larger part of the RTL tests' time) short.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ VERILATOR_WAIVERS = {
     # Switches over run-time format codes list only the supported codes; the others
     # leave the comb signals at their default (0) on purpose.
     "CASEINCOMPLETE": "Switch over format codes covers only the supported codes",
+    # A vector whose bits are computed from its own lower bits (a ripple such as the
+    # dequant window's free-slot chain) is not a loop; Verilator only notes that it
+    # cannot schedule the vector as one unit (a simulation-speed note, fatal by default).
+    "UNOPTFLAT": "bit-level ripple inside one vector (not a combinational loop)",
+    # Amaranth declares a zero-width signal (a counter over range(1), e.g. the beat within
+    # a one-beat group in builds whose groups are all one beat) as a [-1:0] wire.
+    "ASCRANGE": "Amaranth's [-1:0] declaration of zero-width signals",
     # -Wall style warnings that Amaranth's netlist style always trips.
     "UNUSEDSIGNAL": "Amaranth declares a wire per view field and port even when unread",
     "PROCASSINIT": "Amaranth initialises regs at declaration and assigns them in processes",
@@ -92,58 +101,88 @@ def build_dir(params: HwParams) -> pathlib.Path:
     return SIM_BUILD / f"{params.name}-{h.hexdigest()[:10]}"
 
 
-def build(params: HwParams):
-    """Generate (once) and Verilate the MPE for ``params``; return (build dir, runner).
+#: C++ optimisation of the Verilated model: the testbench's simulations are short (about a
+#: second of wall time per test even unoptimised), its builds are not (-Os, Verilator's
+#: default, takes minutes for the u280-geometry MPE; -O1 half again as long as -O0), so
+#: the model is compiled for build speed.
+MAKE_VARS = ("OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0")
 
-    The Verilog is regenerated only when the build dir has none; Verilator and make
-    redo nothing when it is unchanged, so calling this per test is cheap.
-    """
+
+def _runner():
+    """cocotb's Verilator runner, adjusted: only the top module's signals are public (the
+    testbench drives and reads ports only; cocotb's ``--public-flat-rw`` makes every signal
+    public, which bloats and slows the C++ build several-fold), and :data:`MAKE_VARS`."""
     from cocotb_tools.runner import get_runner
 
+    base = type(get_runner("verilator"))
+
+    class LeanVerilator(base):
+        def _build_command(self):
+            cmds = super()._build_command()
+            verilate, make = cmds[0], cmds[-1]
+            if "--public-flat-rw" in verilate:
+                i = verilate.index("--public-flat-rw")
+                verilate[i:i + 1] = ["--public-depth", "1"]
+            make.extend(MAKE_VARS)
+            return cmds
+
+    return LeanVerilator()
+
+
+def build(params: HwParams, waves: bool = False):
+    """Generate (once) and Verilate the MPE for ``params``; return (build dir, runner).
+
+    ``waves``: the traced variant (FST or VCD), built only to record the waveform of a
+    failing run (in ``<build dir>-waves``). The Verilog is regenerated only when the build
+    dir has none; Verilator and make redo nothing when it is unchanged, so calling this
+    per test is cheap.
+    """
     verilator_env()
     bdir = build_dir(params)
     vfile = bdir / f"{TOP_NAME}.v"
     if not vfile.exists():
         bdir.mkdir(parents=True, exist_ok=True)
         build_verilog(params, bdir)
-    runner = get_runner("verilator")
+    # a sibling, not a subdirectory: verilated.mk puts `..` on make's VPATH, so a nested
+    # build would link the parent's (untraced) objects
+    sdir = bdir.with_name(bdir.name + "-waves") if waves else bdir
+    runner = _runner()
     runner.build(
-        sources=[vfile], hdl_toplevel=TOP_NAME, build_dir=bdir, waves=True,
-        # FST tracing for the waveform a failing test leaves; -Wall plus the named
-        # waivers keeps the simulator build as strict as the lint test.
-        build_args=[*trace_args(), "-Wall", *waiver_args(), "-O2", "--x-assign", "0"],
-        timescale=("1ns", "1ps"), always=False, log_file=bdir / "build.log")
-    return bdir, runner
+        sources=[vfile], hdl_toplevel=TOP_NAME, build_dir=sdir, waves=waves,
+        # -Wall plus the named waivers keeps the simulator build as strict as the lint test
+        build_args=[*(trace_args() if waves else []), "-Wall", *waiver_args(), "-O2", "--x-assign", "0"],
+        timescale=("1ns", "1ps"), always=False, log_file=sdir / "build.log")
+    return sdir, runner
 
 
 def run(params: HwParams, testcase: str, stimuli: pathlib.Path, tag: str,
         test_module: str = "flightllm.sim.mpe_tb", seed: int = 1) -> pathlib.Path:
-    """Run one cocotb test against the build; fail with the FST path on any failure.
+    """Run one cocotb test against the build; on any failure rebuild with tracing, rerun
+    to record the waveform and fail naming it.
 
     Returns the results XML path.
     """
     from cocotb_tools.runner import get_results
 
-    bdir, runner = build(params)
-    tdir = bdir / f"run-{tag}"
+    tdir = build_dir(params) / f"run-{tag}"
     tdir.mkdir(parents=True, exist_ok=True)
     env = {"FLIGHTLLM_STIMULI": str(stimuli)}
 
     def once(waves):
+        sdir, runner = build(params, waves)
         xml = tdir / ("results-waves.xml" if waves else "results.xml")
         if xml.exists():
             xml.unlink()
         runner.test(test_module=test_module, testcase=testcase, hdl_toplevel=TOP_NAME,
-                    build_dir=bdir, test_dir=tdir, results_xml=str(xml), waves=waves,
+                    build_dir=sdir, test_dir=tdir, results_xml=str(xml), waves=waves,
                     extra_env=env, seed=seed, log_file=tdir / ("sim-waves.log" if waves else "sim.log"))
         return xml, get_results(xml)
 
     xml, (ntests, nfail) = once(False)
     if ntests == 0 or nfail:
-        _, _ = once(True)
-        fst = waves_file(tdir)
+        once(True)
         raise AssertionError(f"{testcase} [{tag}]: {nfail} of {ntests} cocotb test(s) failed; "
-                             f"waveform: {fst} ; results: {xml}")
+                             f"waveform: {waves_file(tdir)} ; log: {tdir / 'sim.log'} ; results: {xml}")
     return xml
 
 

@@ -1,11 +1,12 @@
-"""cocotb RTL tests of the matrix engine (dequant -> chains -> MPE), bit-exact vs runtime/arith.
+"""cocotb RTL tests of the matrix engine (dequant units -> chains -> MPE), bit-exact vs
+runtime/arith.mpe_reference.
 
-Two parameter sets, each built once (``sim_build/<name>-<hash>``): the ``sim`` preset
-and ``SIM_MC`` (u280 ratios: 4 chains per weight channel, so the dequant unit cuts
-several blocks per cycle, and 1:4 / 2:8 blocks shorter than a chain, so beats carry
-two quant groups in two chain segments). Each test runs many operations back to back
-in one simulation with random stalls on every stream.
-CI runs the ``rtl`` tests; ``slow_rtl`` holds the full sweeps.
+Three parameter sets, each Verilated once (``sim_build/<name>-<hash>``): ``sim`` (2 chains
+per channel, 8 lanes: 4-beat groups, the psum line), ``sim-mc`` (4 chains per channel,
+16 lanes: 2-beat groups) and ``u280-2ch`` (the u280's own per-channel geometry, 2 of its
+channels: 32 lanes, one-beat groups, no psum line). Each test runs many operations back
+to back in one simulation, with random stalls on every stream. CI runs the ``rtl``
+tests; ``slow_rtl`` holds the larger sweeps.
 """
 
 from __future__ import annotations
@@ -16,87 +17,98 @@ import pytest
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.params import get_preset
 from flightllm.sim import rtl
-from flightllm.sim.cases import SIM_MC, make_case, save_cases, smollm2_slice
+from flightllm.sim.cases import make_case, random_qtensor, save_cases, smollm2_qtensor
 
-PARAMS = get_preset("sim")
-GEOM = EngineGeometry(PARAMS)
-MC_GEOM = EngineGeometry(SIM_MC)
+REGIMES = ("typical", "wide", "subnormal", "large")
 
 
-def run_cases(tag, cases, stall=0.3, seed=0, params=PARAMS):
+def run_cases(params, tag, cases, stall=0.3, seed=0):
     bdir = rtl.build_dir(params)
     stim = save_cases(bdir / f"run-{tag}" / "stimuli.npz", params, cases, stall, seed)
     rtl.run(params, "mpe_cases", stim, tag, seed=seed + 1)
 
 
-@pytest.mark.rtl
-def test_mv_every_format():
-    """MV (decode) for every bit width x N:M pattern of the sim preset, random weights."""
-    rng = np.random.default_rng(1)
+def every_format_cases(geom, rng, shapes):
+    """Every format of the build x T in (1, 2, 5, mm_tokens): ragged row counts (1..3 row
+    tiles), 1..3 quant groups, every scale regime, factors including 0 and the maximum."""
     cases = []
-    for i, wf in enumerate(GEOM.weight_formats()):
-        n = [4, 7, 12][i % 3]                      # 1..3 row tiles, ragged last tile
-        k = [64, 128, 192][(i // 3) % 3]
-        cases.append(make_case(GEOM, wf, n, k, 1, rng))
-    run_cases("mv", cases)
+    tokens = (1, 2, 5, geom.tokens_max)
+    for i, wf in enumerate(geom.weight_formats()):
+        for j, t in enumerate(tokens):
+            n_tiles_rows, groups = shapes[(i + j) % len(shapes)]
+            n = n_tiles_rows(geom.R)
+            qt = random_qtensor(wf, n, groups * wf.group_size, rng, REGIMES[(i + j) % len(REGIMES)])
+            cases.append(make_case(geom, qt, t, rng))
+    return cases
+
+
+SHAPES = (                                      # (rows from R, quant groups)
+    (lambda r: r + r // 2 + 1, 3),              # ragged second tile
+    (lambda r: 1, 1),                           # a single row, a single group
+    (lambda r: 3 * r - 1, 2),                   # three tiles, the last one row short
+    (lambda r: 2 * r, 1),
+)
 
 
 @pytest.mark.rtl
-def test_mm_tokens():
-    """MM (prefill): weights held for T tokens; T = 1, 2, 5, mm_tokens."""
-    rng = np.random.default_rng(2)
-    fmts = GEOM.weight_formats()
-    picks = [fmts[i] for i in (0, 5, 7, 13, 20, 23)]
-    cases = [make_case(GEOM, wf, 8, 128, t, rng)
-             for wf, t in zip(picks, [2, 5, PARAMS.mm_tokens, 3, 1, 4])]
-    run_cases("mm", cases)
-
-
-@pytest.mark.rtl
-def test_multi_chain_every_format():
-    """SIM_MC: every format, MV and MM, odd group counts (short last step), ragged tiles."""
-    rng = np.random.default_rng(5)
-    cases = []
-    for i, wf in enumerate(MC_GEOM.weight_formats()):
-        n = [8, 13, 24][i % 3]
-        k = [96, 64, 160][(i // 3) % 3]            # 3, 2, 5 quant groups of 32
-        cases.append(make_case(MC_GEOM, wf, n, k, [1, 1, 3][(i // 2) % 3], rng))
-    run_cases("mc", cases, params=SIM_MC)
+@pytest.mark.parametrize("preset", ["sim", "sim-mc", "u280-2ch"])
+def test_every_format(preset):
+    """Every format x MV / MM (T = 1, 2, 5, mm_tokens), random stalls on every stream."""
+    params = get_preset(preset)
+    geom = EngineGeometry(params)
+    rng = np.random.default_rng(sum(map(ord, preset)))
+    run_cases(params, "formats", every_format_cases(geom, rng, SHAPES), stall=0.3, seed=1)
 
 
 @pytest.mark.rtl
 @pytest.mark.model
-def test_smollm2_layer():
-    """A 16 x 128 slice of SmolLM2-135M's first FFN down projection, MV and MM."""
-    w, why = smollm2_slice(16, 128)
-    if w is None:
+def test_smollm2_q4_1():
+    """A slice of SmolLM2-135M's first attention query projection in its native Q4_1 form
+    (int4m/32: GGUF's own nibbles, binary16 scales and mins), on the u280's geometry, MV and MM."""
+    qt, why = smollm2_qtensor(20, 192)
+    if qt is None:
         pytest.skip(why)
+    params = get_preset("u280-2ch")
+    geom = EngineGeometry(params)
     rng = np.random.default_rng(3)
-    from flightllm.hw.formats import WeightFormat
-    fmts = [WeightFormat.parse(s, GEOM.G) for s in ("int8", "int4", "int4-2:4", "int3-1:4", "int2-8:16", "int8-4:8")]
-    cases = [make_case(GEOM, wf, 16, 128, t, rng, w=w) for wf in fmts for t in (1, 3)]
-    run_cases("smollm2", cases)
+    cases = [make_case(geom, qt, t, rng, name=f"{why} T={t}") for t in (1, 3)]
+    run_cases(params, "smollm2", cases, stall=0.3, seed=2)
 
 
 @pytest.mark.rtl
 @pytest.mark.slow_rtl
-def test_sweep_shapes():
-    """Every format x MV/MM over larger shapes (bench-sized), heavy stalls."""
+@pytest.mark.parametrize("preset", ["sim", "sim-mc", "u280-2ch"])
+def test_sweep(preset):
+    """Every format x MV / MM over larger shapes (up to 12 row tiles and 16 groups), every
+    scale regime, heavy stalls."""
+    params = get_preset(preset)
+    geom = EngineGeometry(params)
     rng = np.random.default_rng(4)
     cases = []
-    for wf in GEOM.weight_formats():
-        for n, k, t in ((24, 256, 1), (8, 512, 3), (12, 128, PARAMS.mm_tokens)):
-            cases.append(make_case(GEOM, wf, n, k, t, rng))
-    run_cases("sweep", cases, stall=0.5)
+    for wf in geom.weight_formats():
+        for n_t, groups, t in ((5.5, 8, 1), (12, 16, 1), (2, 5, 3), (1.25, 3, geom.tokens_max), (3, 4, 7)):
+            n = int(n_t * geom.R)
+            qt = random_qtensor(wf, n, groups * wf.group_size, rng, REGIMES[len(cases) % len(REGIMES)])
+            cases.append(make_case(geom, qt, t, rng))
+    run_cases(params, "sweep", cases, stall=0.5, seed=5)
 
 
 @pytest.mark.rtl
 @pytest.mark.slow_rtl
-def test_multi_chain_sweep():
-    """SIM_MC: every format x MV/MM over larger shapes, heavy stalls."""
+@pytest.mark.model
+def test_smollm2_tensors():
+    """Larger slices of several SmolLM2-135M tensors in their native GGUF forms (Q4_1
+    projections, the Q8_0 token embedding as int8/32), MV and MM, on the u280's geometry."""
+    params = get_preset("u280-2ch")
+    geom = EngineGeometry(params)
     rng = np.random.default_rng(6)
     cases = []
-    for wf in MC_GEOM.weight_formats():
-        for n, k, t in ((40, 256, 1), (16, 224, 3), (8, 96, SIM_MC.mm_tokens)):
-            cases.append(make_case(MC_GEOM, wf, n, k, t, rng))
-    run_cases("mc-sweep", cases, stall=0.5, params=SIM_MC)
+    for tensor, rows, cols in (("blk.0.attn_k.weight", 64, 576), ("blk.3.ffn_down.weight", 40, 1536),
+                               ("blk.7.ffn_gate.weight", 33, 576), ("token_embd.weight", 48, 576)):
+        qt, why = smollm2_qtensor(rows, cols, tensor)
+        if qt is None:
+            pytest.skip(why)
+        for t in (1, 4):
+            if t * geom.act_stride(cols) <= geom.act_words:
+                cases.append(make_case(geom, qt, t, rng, name=f"{why} T={t}"))
+    run_cases(params, "smollm2-sweep", cases, stall=0.5, seed=7)

@@ -10,11 +10,13 @@ TINY = dict(n_layers=2, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
 
 
 def write_tiny_gguf(path: Path, *, arch="llama", qtype="F32", seed=0, drop=(), shapes=None,
-                    raw=None, tokenizer=True, **cfg):
+                    raw=None, tokenizer=True, embd_qtype=None, q_qtype=None, raw_q8=None, **cfg):
     """Write a random tiny LLaMA GGUF.
 
     ``drop`` removes tensors, ``shapes`` overrides shapes, ``raw`` maps names to arrays
-    written as they are (their dtype picks the GGML type).
+    written as they are (their dtype picks the GGML type); ``qtype`` is the type of the
+    matrices, ``embd_qtype`` of the embedding and ``q_qtype`` of the attention queries
+    (default ``qtype``); ``raw_q8`` maps names to ready Q8_0 blocks.
     """
     import gguf
 
@@ -56,16 +58,21 @@ def write_tiny_gguf(path: Path, *, arch="llama", qtype="F32", seed=0, drop=(), s
         if raw and name in raw:
             w.add_tensor(name, raw[name])
             continue
+        if raw_q8 and name in raw_q8:
+            w.add_tensor(name, raw_q8[name], raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            continue
         if len(shape) == 1:
             w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             continue
         a = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-        if qtype == "F32":
+        t = embd_qtype if name == "token_embd.weight" and embd_qtype else \
+            q_qtype if name.endswith("attn_q.weight") and q_qtype else qtype
+        if t == "F32":
             w.add_tensor(name, a)
-        elif qtype == "F16":
+        elif t == "F16":
             w.add_tensor(name, a.astype(np.float16))
         else:
-            qt = gguf.GGMLQuantizationType[qtype]
+            qt = gguf.GGMLQuantizationType[t]
             w.add_tensor(name, gguf.quants.quantize(a, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -112,6 +119,14 @@ def smollm2_w8_artifact(smollm2):
     from flightllm.runtime.cli import resolve_artifact
 
     return resolve_artifact(None, "w8", "u280", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_native_artifact(smollm2):
+    """SmolLM2 compiled with the default preset (native) for u280, once per code version."""
+    from flightllm.runtime.cli import resolve_artifact
+
+    return resolve_artifact(None, "native", "u280", quiet=True)
 
 
 @pytest.fixture(scope="module")

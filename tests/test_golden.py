@@ -14,11 +14,11 @@ from flightllm.compiler.gguf_import import load_gguf
 from flightllm.compiler.reference import FloatLlama, rms_norm
 from flightllm.compiler.schedule import (build_programs, manifest_preview, shape_manifest, unroll,
                                          unrolled_counts)
-from flightllm.hw.formats import WeightFormat, pack_tensor, quantize_groups
+from flightllm.hw.formats import QTensor, WeightFormat, nm_mask, pack_tensor, to_fixed
 from flightllm.hw.isa import Buf, Instr, Opcode, Reg, Unit
 from flightllm.hw.params import get_preset
 from flightllm.runtime import sfu
-from flightllm.runtime.arith import mpe_psums, mpe_scale_accumulate
+from flightllm.runtime.arith import mpe_accumulate, mpe_reference, prepare_weights
 from flightllm.runtime.device import GoldenDevice
 from flightllm.runtime.driver import Driver, GenerationError, Sampler
 from flightllm.runtime.golden import DeadlockError, Golden, GoldenError
@@ -47,38 +47,91 @@ def _machine(params, pt, plan_extra=None):
     return Golden(params, chans, np.zeros(16, F32), plan)
 
 
-@pytest.mark.parametrize("fmt,op,rows", [("int8", Opcode.MV, 1), ("int4-2:4", Opcode.MV, 1),
-                                         ("int4-2:4", Opcode.MM, 3), ("int3", Opcode.MM, 5)])
+@pytest.mark.parametrize("fmt,op,rows", [("int8/32", Opcode.MV, 1), ("int4m/32", Opcode.MV, 1),
+                                         ("int4-2:4/64", Opcode.MM, 3), ("int4/32", Opcode.MM, 5)])
 def test_mv_mm_match_arith_reference(fmt, op, rows):
+    """MV/MM through the golden machine equal the plain-integer oracle, then the SFU conversion."""
     p = get_preset("sim")
     rng = np.random.default_rng(1)
-    wf = WeightFormat.parse(fmt, p.group_size)
+    wf = WeightFormat.parse(fmt)
     n, k = 12, 128
-    w = rng.standard_normal((n, k)).astype(F32)
+    q = rng.integers(wf.qmin, wf.qmax + 1, (n, k))
     mask = None
     if not wf.dense:
-        from flightllm.compiler.compress import nm_mask
-        mask = nm_mask(w, wf.n_keep, wf.m)
-    q, s, sh = quantize_groups(w, wf, mask)
-    pt = pack_tensor(q, s, sh, wf, p.chains, p.weight_channels, mask)
+        mask = nm_mask(rng.random((n, k)), wf.n_keep, wf.m)
+        q = np.where(mask, q, 0)
+    ng = k // wf.group_size
+    sc = (rng.standard_normal((n, ng)) * 0.02).astype(np.float16)
+    mn = (rng.standard_normal((n, ng)) * 0.02).astype(np.float16) if wf.has_min else None
+    pt = pack_tensor(QTensor(wf, q, sc, mn, mask), p)
     g = _machine(p, pt)
-    x = rng.integers(-127, 128, size=(rows, k)).astype(np.int8)
-    xs = rng.uniform(0.01, 0.1, size=(rows, 1)).astype(F32)
-    g.bufs[Buf.HQ.value] = (x, xs)
+    xf = (rng.standard_normal((rows, k)) * np.where(rng.random(k) < 0.05, 30, 1)).astype(F32)
+    x, a, u = sfu.requantize_groups(xf, wf.group_size)
+    g.bufs[Buf.HQ.value] = (x, a[:, None], u)
     g.regs[Reg.CLEN.value] = rows
     ins = Instr(op, dict(src=Buf.HQ, dst=Buf.Y, rows_reg=Reg.CLEN, bits=wf.bits, n_keep=wf.n_keep, m=wf.m,
-                         shift=sh, n_out=n, k_in=k, w_off=0))
+                         group_log2=wf.group_size.bit_length() - 1, kind=wf.kind,
+                         shift=pt.shift, n_out=n, k_in=k, w_off=0))
     st = g.run([ins, Instr(Opcode.END)])
-    acc = mpe_scale_accumulate(mpe_psums(q, x, p.group_size), s)                      # (rows, n)
-    want = acc.astype(np.float64).astype(F32) * np.ldexp(xs, -sh).astype(F32)
+    S, M = to_fixed(sc, pt.shift), None if mn is None else to_fixed(mn, pt.shift)
+    acc = mpe_reference(q, S, M, x, u, wf.group_size)                                 # (rows, n)
+    want = acc.astype(F32) * np.ldexp(a, -pt.shift).astype(F32)[:, None]
     np.testing.assert_array_equal(g.bufs[Buf.Y.value], want)
-    from flightllm.runtime.arith import mpe_matmul, prepare_weights
-    wg = prepare_weights(q, s, p.group_size)
-    assert np.array_equal(mpe_matmul(wg, x), acc)
-    assert np.array_equal(mpe_matmul(wg, x[0]), acc[0])
-    for bits in (24, 30):                                          # the wrap of a narrow accumulator
-        assert np.array_equal(mpe_matmul(wg, x, bits), mpe_scale_accumulate(mpe_psums(q, x, p.group_size), s, bits))
+    # and the result is the float product of the dequantized operands, up to float32 rounding
+    wd = QTensor(wf, q, sc, mn, mask).dequantize().astype(np.float64)
+    xd = sfu.dequantize(x, a[:, None], u).astype(np.float64)
+    np.testing.assert_allclose(want, xd @ wd.T, rtol=1e-5, atol=1e-5 * np.abs(xd @ wd.T).max())
     assert st.cycles >= math.ceil(pt.channel_bytes * p.weight_channels / p.hbm_weight_bytes_per_cycle)
+
+
+def test_mpe_fast_path_equals_oracle_and_wraps():
+    """The float64 fast path and the int64 fallback both equal the oracle (incl. the 64-bit wrap)."""
+    rng = np.random.default_rng(9)
+    n, k, g = 9, 96, 32
+    for qlim, slim in ((8, 1 << 20), (128, (1 << 26) - 1)):
+        q = rng.integers(-qlim, qlim, (n, k))
+        S = rng.integers(-slim, slim + 1, (n, k // g))
+        M = rng.integers(-slim, slim + 1, (n, k // g))
+        x = rng.integers(-127, 128, (4, k))
+        u = rng.integers(0, 256, (4, k // g))
+        w = prepare_weights(q, S, M, g)
+        assert (w.bound < 2 ** 53) == (qlim == 8)                 # one tensor per path
+        assert np.array_equal(np.asarray(mpe_accumulate(w, x, u), np.int64), mpe_reference(q, S, M, x, u, g))
+        assert np.array_equal(np.asarray(mpe_accumulate(w, x[:1], u[:1]), np.int64),
+                              mpe_reference(q, S, M, x[:1], u[:1], g))
+    big = np.full((1, g), 127)
+    huge = prepare_weights(big, np.full((1, 1), (1 << 26) - 1), None, g)
+    xs = np.full((1, g), 127)
+    us = np.full((1, 1), 255)
+    for bits in (40, 48):                                          # a narrow register wraps
+        ref = mpe_reference(big, np.full((1, 1), (1 << 26) - 1), None, xs, us, g, bits)
+        assert np.array_equal(mpe_accumulate(huge, xs, us, bits), ref) and abs(int(ref[0, 0])) < 1 << (bits - 1)
+
+
+def test_requantize_groups_is_the_documented_formula():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 96)) * np.where(rng.random(96) < 0.1, 50, 1)).astype(F32)
+    x[2, 32:64] = 0.0
+    q, a, u = sfu.requantize_groups(x, 32)
+    for r in range(3):
+        amax = np.abs(x[r]).max()
+        assert a[r] == F32(amax / F32(32385))
+        for gi in range(3):
+            seg = x[r, gi * 32:(gi + 1) * 32]
+            ag = np.abs(seg).max()
+            uu = min(255.0, float(np.ceil(F32(ag * F32(F32(255) / amax)))))
+            assert u[r, gi] == uu
+            if uu:
+                inv = F32(F32(32385) / F32(F32(uu) * amax))
+                assert np.array_equal(q[r, gi * 32:(gi + 1) * 32], np.clip(np.rint(seg * inv), -127, 127))
+            else:
+                assert not q[r, gi * 32:(gi + 1) * 32].any()
+    assert np.abs(q).max() <= 127 and u[2, 1] == 0
+    # the groups keep their precision next to an outlier: error per element ~ u * A / 2
+    err = np.abs(sfu.dequantize(q, a[:, None], u) - x)
+    assert (err <= 0.5001 * np.repeat(u.astype(F32), 32, axis=1) * a[:, None]).all()
+    z = sfu.requantize_groups(np.zeros((1, 64), F32), 32)
+    assert not z[0].any() and z[1][0] == 0 and not z[2].any()
 
 
 # --------------------------------------------------------------------------- SFU
@@ -214,7 +267,7 @@ def test_unrolled_counts_match_unroll():
     from flightllm.compiler.gguf_import import ModelConfig
     cfg = ModelConfig(name="t", n_layers=2, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
                       context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
-    m = shape_manifest(cfg, get_preset("sim"), "int8")
+    m = shape_manifest(cfg, get_preset("sim"), "int8/32")
     progs = build_programs(m)
     lengths = [1, 2, 15, 16, 17, 40, 128]
     pre = unrolled_counts(progs["prefill"], lengths)
@@ -333,16 +386,16 @@ def test_buffer_bounds_are_checked():
     cfg = ModelConfig(name="t", n_layers=1, hidden=128, ffn=256, n_heads=4, n_kv_heads=2, vocab=128,
                       context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
     sim = get_preset("sim")
-    sizes = check_buffers(shape_manifest(cfg, sim, "int8"))
+    sizes = check_buffers(shape_manifest(cfg, sim, "int8/32"))
     assert sizes[Buf.S] == (sim.mm_tokens, 4 * 128) and sizes[Buf.KT] == (sim.kv_tile, 64)
     small = dataclasses.replace(sim, act_buf_depth=256)
     with pytest.raises(ValueError, match=r"buffer S: 16 rows x 512 elements \(heads x max_seq scores\) per row "
                                          r"exceed act_buf_depth = 256"):
-        build_programs(shape_manifest(cfg, small, "int8"))
+        build_programs(shape_manifest(cfg, small, "int8/32"))
     big_vocab = dataclasses.replace(cfg, vocab=9000)
     with pytest.raises(ScheduleError, match="buffer LOG: 16 rows x 9000 elements per row exceed act_buf_depth = 8192"):
-        build_programs(shape_manifest(big_vocab, sim, "int8"))
-    assert set(build_programs(shape_manifest(big_vocab, sim, "int8"), check=False)) == {
+        build_programs(shape_manifest(big_vocab, sim, "int8/32"))
+    assert set(build_programs(shape_manifest(big_vocab, sim, "int8/32"), check=False)) == {
         "decode", "prefill", "prefill_last"}
 
 
@@ -355,9 +408,8 @@ def test_writer_layout_is_the_written_manifest(tmp_path):
     w = ArtifactWriter(p, cfg, "w8")
     rng = np.random.default_rng(4)
     for name, shape in (("a", (12, 128)), ("b", (5, 64))):
-        wf = WeightFormat.parse("int8", p.group_size)
-        q, s, sh = quantize_groups(rng.standard_normal(shape).astype(F32), wf)
-        w.add_tensor(name, q, s, sh, wf)
+        wf = WeightFormat.parse("int8/32")
+        w.add_tensor(name, QTensor(wf, rng.integers(-127, 128, shape), rng.random((shape[0], shape[1] // 32))))
     w.add_table("t1", np.ones(7))
     w.add_table("t2", np.ones((3, 2)))
     lay = manifest_preview(w)
