@@ -192,13 +192,18 @@ def write(res, shared, full, u, a):
            + (f", sim {res['sim_dsp_per_mac']}" if "sim_dsp_per_mac" in res else "")
            + ". Every multiplier is in a DSP48E2: a chain is chain_len MAC DSPs, 1 for psum * u and 2 "
            "each (a 17-bit split with the PCIN >> 17 cascade) for the scale and the min products "
-           "(u280: 32 + 5); "
-           "the per-operation counts (row tiles, quant groups, stream words, activation stride) come "
-           "precomputed from the host-side packer `hw.mpe.mpe_config`, so the dequant units and the "
-           "sequencer hold no multiplier. The WP486 two-MACs-per-DSP packing is not done.",
-           "", "Dequant unit: whole HBM words queue in a 3-word window read at a granule offset (one "
-           "barrel shifter), P per-format block cutters, packed (not yet widened) step slots, and a "
-           "per-lane INT8 widening mux at the output. The LUT estimate is above what Vivado would map."]
+           "(u280: 32 + 5); a dequant unit has 8 small ones (sub-scale and sub-min x the tensor header "
+           "of the two-level int4k/32, per chain) and the engine one (xsum * u). The per-operation "
+           "counts (row tiles, groups, records, stream words, activation stride) come precomputed from "
+           "the host-side packer `hw.mpe.mpe_config`, so the sequencer holds no multiplier. The WP486 "
+           "two-MACs-per-DSP packing is not done.",
+           "", "Dequant unit: a skid register, a window of whole words, an aligner cutting one record "
+           "at one of W/64 granule offsets (records are 64-bit aligned and laid out lane-major, see "
+           "`hw/formats.py`), a 2-entry record FIFO, a per-lane width mux and the binary16 -> fixed "
+           "point conversion (`docs/rtl.md`). v1's unit (a fine-grained barrel shifter, per-format "
+           "block cutters and slot crossbars for 24 formats) was 28,502 LUTs. The estimate does not "
+           "scale the broadcast tree or the per-channel beat FIFOs with the channel count (the slice "
+           "has one channel), so it undercounts those; LUT counts remain above what Vivado would map."]
     (out / "resources.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

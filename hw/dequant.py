@@ -248,7 +248,7 @@ class DequantUnit(wiring.Component):
         izero = Signal(g.index_bits, name="idx_zero")   # index bits that are 0 (dense: all)
         mzero = Signal(name="min_zero")                 # the format has no min
         rg = Signal(range(self.rec_granules + 1), name="rec_size")      # granules per record
-        bpb_m1 = Signal(range(bpb_max), name="bpb_m1")
+        bpb_m1 = Signal(range(max(2, bpb_max)), name="bpb_m1")     # >= 1 bit: no zero-width wire
         e0 = Signal(5, name="e0")
         recs_left = Signal(32, name="recs_left")
         recs_more = Signal(name="recs_more")            # recs_left != 0
@@ -271,7 +271,7 @@ class DequantUnit(wiring.Component):
         tail = Signal(name="rec_tail")
         head = Signal(name="rec_head")
         fcnt = Signal(range(3), name="rec_count")
-        bcnt = Signal(range(bpb_max), name="beat_count")
+        bcnt = Signal(range(max(2, bpb_max)), name="beat_count")
         o_valid = Signal(name="out_valid")
         m.d.comb += beat.valid.eq(o_valid)
 

@@ -41,9 +41,6 @@ VERILATOR_WAIVERS = {
     # dequant window's free-slot chain) is not a loop; Verilator only notes that it
     # cannot schedule the vector as one unit (a simulation-speed note, fatal by default).
     "UNOPTFLAT": "bit-level ripple inside one vector (not a combinational loop)",
-    # Amaranth declares a zero-width signal (a counter over range(1), e.g. the beat within
-    # a one-beat group in builds whose groups are all one beat) as a [-1:0] wire.
-    "ASCRANGE": "Amaranth's [-1:0] declaration of zero-width signals",
     # -Wall style warnings that Amaranth's netlist style always trips.
     "UNUSEDSIGNAL": "Amaranth declares a wire per view field and port even when unread",
     "PROCASSINIT": "Amaranth initialises regs at declaration and assigns them in processes",
