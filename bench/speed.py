@@ -1,11 +1,11 @@
 """Speed: golden-model decode vs the float reference on this machine, and the golden
 model's ideal-cycle estimate of LLaMA2-7B decode on the u280 preset.
 
-1. SmolLM2-135M (w8 artifact for u280, compiled into the flightllm cache if needed):
+1. SmolLM2-135M (native artifact for u280, compiled into the flightllm cache if needed):
    greedy decode tokens/s of the bit-exact golden model and of the float32 numpy
    reference, same prompt, same process, after a warm-up (prepared weights cached).
 2. The golden model's performance model (timing only, no data) on shape-only
-   LLaMA2-7B (INT4 layers, INT8 embedding/LM head) with the u280 parameters: decode
+   LLaMA2-7B (int4/32 layers, int8/32 embedding/LM head) with the u280 parameters: decode
    cycles per token at several context positions -> tokens/s at the preset clock,
    HBM bytes per token and the bandwidth that implies vs the preset's peak.
 
@@ -35,7 +35,7 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps 
 PREFILL_TOKENS = 64
 
 
-def smollm2_speed(n_tokens: int = 24, preset: str = "w8", hw: str = "u280", rounds: int = 3) -> dict:
+def smollm2_speed(n_tokens: int = 24, preset: str = "native", hw: str = "u280", rounds: int = 3) -> dict:
     from flightllm.compiler.gguf_import import load_gguf
     from flightllm.compiler.reference import FloatLlama
     from flightllm.runtime.cli import resolve_artifact
