@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = ["native", "w8", "w4m", "w4", "w4-gptq", "w4-e8", "mixed-5b", "w4-4:8-mlp", "w4-2:4-mlp"]
+DEFAULT = ["native", "w8", "w4m", "w4k-e8", "w4k", "w4", "w4-e8", "w4-gptq", "mixed-4.75b", "w4-4:8-mlp", "w4-2:4-mlp"]
 
 
 def run(presets, chars: int, context: int, hw: str, out_dir: Path, merge: bool) -> dict:

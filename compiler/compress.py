@@ -79,7 +79,7 @@ class Recipe:
 # the very calibration tokens it is measured on, so it looks far better than it is on
 # held-out text, and the knapsack then picked sparse formats that cost +80% perplexity
 # (docs/quality.md). Sparse formats stay available through the fixed presets.
-_MIXED_CANDIDATES = ("int8/32", "int4m/32", "int4/32")
+_MIXED_CANDIDATES = ("int8/32", "int4m/32", "int4k/32", "int4/32")
 SENSITIVITY_PROBE = "int4/32"   #: format whose effect on the logits calibrates each tensor's error
 
 PRESETS = {r.name: r for r in [
@@ -101,6 +101,8 @@ PRESETS = {r.name: r for r in [
     Recipe("w4-2:4", "int4-2:4/64", "int4-2:4/64", "int4/32", description="2:4 sparse INT4 layers"),
     Recipe("w4-2:4-mlp", "int4/32", "int4-2:4/64", "int4/32", description="2:4 sparse INT4 MLP, dense INT4 attention"),
     Recipe("w4-4:8-mlp", "int4/32", "int4-4:8/64", "int4/32", description="4:8 sparse INT4 MLP, dense INT4 attention"),
+    Recipe("mixed-4.75b", budget_bpp=4.75 / 8, candidates=_MIXED_CANDIDATES,
+           description="measured mixed precision at 4.75 bits (0.594 B) per parameter"),
     Recipe("mixed-5b", budget_bpp=5.0 / 8, candidates=_MIXED_CANDIDATES,
            description="measured mixed precision at 5 bits (0.625 B) per parameter"),
     Recipe("mixed-6b", budget_bpp=6.0 / 8, candidates=_MIXED_CANDIDATES,

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (replaced atomically)")
     c.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"compression preset (default {DEFAULT_PRESET}: the GGUF's own formats). " + _presets_help())
-    c.add_argument("--hw", default="u280", help="hardware preset: " + ", ".join(_hw_presets()) + " (default u280)")
+    c.add_argument("--hw", default="u280", help="hardware preset: " + ", ".join(_hw_presets()) + ", or a params.json (default u280)")
     c.add_argument("--calib", help="calibration text file (default: the bundled Python-docs excerpt)")
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

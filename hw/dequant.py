@@ -335,7 +335,8 @@ class DequantUnit(wiring.Component):
                                    Mux(shift, nxt_r[2][k], nxt_r[3][k])))
 
         # Falling FIFO: slot j is free when it is empty or everything below it moves.
-        free = Signal(span, name="win_free")
+        # (one signal per slot: a ripple through the bits of one vector reads as a loop to Verilator)
+        free = [Signal(name=f"win_free{j}") for j in range(span)]
         m.d.comb += free[0].eq(~valid[0] | shift)
         for j in range(1, span):
             m.d.comb += free[j].eq(~valid[j] | free[j - 1])

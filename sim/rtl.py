@@ -37,10 +37,6 @@ VERILATOR_WAIVERS = {
     # Switches over run-time format codes list only the supported codes; the others
     # leave the comb signals at their default (0) on purpose.
     "CASEINCOMPLETE": "Switch over format codes covers only the supported codes",
-    # A vector whose bits are computed from its own lower bits (a ripple such as the
-    # dequant window's free-slot chain) is not a loop; Verilator only notes that it
-    # cannot schedule the vector as one unit (a simulation-speed note, fatal by default).
-    "UNOPTFLAT": "bit-level ripple inside one vector (not a combinational loop)",
     # -Wall style warnings that Amaranth's netlist style always trips.
     "UNUSEDSIGNAL": "Amaranth declares a wire per view field and port even when unread",
     "PROCASSINIT": "Amaranth initialises regs at declaration and assigns them in processes",
