@@ -281,14 +281,21 @@ def quantize_sym(wm: np.ndarray, fmt: WeightFormat, weight: np.ndarray, mask=Non
     return _final(fmt, wm, best, None, mask)
 
 
-def _refit_two_level(x, wt, q, D, Mn, top):
-    """Least-squares (d, mn) per group for fixed integers, then rounded onto the sub-scale grids."""
+def _lsq_scale_min(x, wt, q, d0, m0):
+    """Per group, the ``wt``-weighted least-squares (d, mn) of ``x ~ d * q + mn`` for fixed
+    integers ``q`` (all (N, groups, G)); ``(d0, m0)`` where the fit is degenerate."""
     sw, sq, sx = wt.sum(2), (wt * q).sum(2), (wt * x).sum(2)
     sqq, sqx = (wt * q * q).sum(2), (wt * q * x).sum(2)
     det = sw * sqq - sq * sq
     ok = det > 1e-30
-    d = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), 0.0)
-    mn = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), 0.0)
+    safe = np.where(ok, det, 1.0)
+    return (np.where(ok, (sw * sqx - sq * sx) / safe, d0),
+            np.where(ok, (sqq * sx - sq * sqx) / safe, m0))
+
+
+def _refit_two_level(x, wt, q, D, Mn, top):
+    """Least-squares (d, mn) per group for fixed integers, then rounded onto the sub-scale grids."""
+    d, mn = _lsq_scale_min(x, wt, q, 0.0, 0.0)
     sc = np.clip(np.rint(d / D), 0, top) if D else np.zeros_like(d)
     sm = np.clip(np.rint(mn / Mn), 0, top) if Mn else np.zeros_like(mn)
     return sc, sm
@@ -366,13 +373,7 @@ def quantize_asym(wm: np.ndarray, fmt: WeightFormat, weight: np.ndarray, mask=No
             best_d = np.where(better, qt.scale.astype(np.float64), best_d)
             best_m = np.where(better, qt.min.astype(np.float64), best_m)
         # least squares of x ~ d * q + mn over the group with the current integers
-        q = qt.q.reshape(x.shape).astype(np.float64)
-        sw, sq, sx = wt.sum(2), (wt * q).sum(2), (wt * x).sum(2)
-        sqq, sqx = (wt * q * q).sum(2), (wt * q * x).sum(2)
-        det = sw * sqq - sq * sq
-        ok = det > 1e-30
-        d = np.where(ok, (sw * sqx - sq * sx) / np.where(ok, det, 1.0), d)
-        mn = np.where(ok, (sqq * sx - sq * sqx) / np.where(ok, det, 1.0), mn)
+        d, mn = _lsq_scale_min(x, wt, qt.q.reshape(x.shape).astype(np.float64), d, mn)
         d = np.maximum(d, 0.0)
     return _final(fmt, wm, best_d.astype(np.float32), best_m.astype(np.float16), mask)
 

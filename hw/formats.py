@@ -451,10 +451,15 @@ def record_count(fmt: WeightFormat, shape, chains: int) -> int:
     return -(-n // chains) * (k // fmt.group_size)
 
 
+def _region_bytes(fmt: WeightFormat, shape, chains: int, rc: int, lanes: int) -> int:
+    return (fmt.header_bits + record_count(fmt, shape, chains) * record_bits(fmt, rc, lanes)) // 8
+
+
 def region_bytes(fmt: WeightFormat, shape, params) -> int:
-    """Bytes of a tensor's header and records in one channel (before the ``ALIGN`` padding)."""
+    """Bytes of a tensor's header and records in one channel (before the ``ALIGN`` padding);
+    a whole number of ``RECORD_ALIGN_BITS`` granules."""
     gm = _geom(params)
-    return (fmt.header_bits + record_count(fmt, shape, gm.chains) * record_bits(fmt, gm.rc, gm.lanes)) // 8
+    return _region_bytes(fmt, shape, gm.chains, gm.rc, gm.lanes)
 
 
 def nm_mask(score: np.ndarray, n_keep: int, m: int) -> np.ndarray:
@@ -513,7 +518,7 @@ class PackedTensor:
 
     @property
     def region_bytes(self) -> int:
-        return (self.fmt.header_bits + self.records * self.record_bits) // 8
+        return _region_bytes(self.fmt, self.shape, self.chains, self.chains // self.channels, self.lanes)
 
     @property
     def channel_bytes(self) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from amaranth import Signal, signed, unsigned
 from amaranth.lib import data
 
-from .formats import RECORD_ALIGN_BITS, SCALE_FIXED_BITS, WeightFormat, record_bits, record_count
+from .formats import RECORD_ALIGN_BITS, SCALE_FIXED_BITS, WeightFormat, record_bits, region_bytes
 from .params import ACT_MAX, FACTOR_MAX, WEIGHT_MAX, HwParams
 
 __all__ = ["EngineGeometry", "FormatInfo", "delay", "ceil_div", "bits_for", "beat_layout",
@@ -168,8 +168,8 @@ class EngineGeometry:
 
     def stream_words(self, wf: WeightFormat, n_rows: int, n_in: int) -> int:
         """Words of ``hbm_port_bits`` one channel streams for an operation (the last one partly used)."""
-        f = self.info(wf)
-        return ceil_div(wf.header_bits + record_count(wf, (n_rows, n_in), self.R) * f.record_bits, self.W)
+        self.info(wf)                                     # a format outside the build raises
+        return ceil_div(region_bytes(wf, (n_rows, n_in), self.params) * 8, self.W)
 
     def act_stride(self, n_in: int) -> int:
         """Activation-buffer words between the vectors of consecutive MM tokens."""

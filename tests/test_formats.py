@@ -8,6 +8,7 @@ from flightllm.hw.formats import (GGUF_NATIVE, QTensor, ScaleRangeError, WeightF
                                   gguf_to_qtensor, nm_mask, pack_tensor, record_bits, scale_shift,
                                   to_fixed, unpack_tensor)
 from flightllm.hw.params import DEFAULT_FORMATS
+from flightllm.sim.cases import random_qtensor as sim_random_qtensor
 
 
 class Geo:
@@ -18,19 +19,8 @@ class Geo:
 
 
 def random_qtensor(rng, fmt, n, k):
-    q = rng.integers(fmt.qmin, fmt.qmax + 1, size=(n, k))
-    mask = None
-    if not fmt.dense:
-        mask = nm_mask(rng.random((n, k)), fmt.n_keep, fmt.m)
-        q = np.where(mask, q, 0)
-    ng = k // fmt.group_size
-    if fmt.two_level:
-        return QTensor(fmt, q, rng.integers(0, 256, (n, ng)), rng.integers(0, 256, (n, ng)), mask,
-                       np.float16(0.003), np.float16(-0.02))
-    sc = (rng.standard_normal((n, ng)) * 0.05).astype(np.float16)
-    sc[0, 0] = 0.0
-    mn = (rng.standard_normal((n, ng)) * 0.05).astype(np.float16) if fmt.has_min else None
-    return QTensor(fmt, q, sc, mn, mask)
+    """The RTL testbenches' random tensors (every value, N:M mask, 16-binade scales)."""
+    return sim_random_qtensor(fmt, n, k, rng, "wide")
 
 
 @pytest.mark.parametrize("text", ["int8/32", "int4m/32", "int4-2:4/64", "int3/32", "int4-4:8/64"])
