@@ -35,7 +35,7 @@ from .gguf_import import ModelConfig
 __all__ = ["ArtifactError", "ArtifactWriter", "Artifact", "atomic_dir", "atomic_write",
            "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 class ArtifactError(ValueError):

@@ -65,13 +65,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..hw.formats import WeightFormat, align, region_bytes
+from ..hw.formats import ALIGN, WeightFormat, align, region_bytes
 from ..hw.isa import (NO_LIMIT, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
                       encode_program)
+from ..hw.kvcache import KV_GROUP, K, V, KvLayout
 from ..hw.params import HwParams
+from ..runtime.sfu import score_scale
 from .gguf_import import LINEARS, ModelConfig
 
-__all__ = ["ScheduleError", "Plan", "plan_from_manifest", "build_programs", "rope_table",
+__all__ = ["ScheduleError", "Plan", "plan_from_manifest", "KV_FORMATS", "PER_HEAD", "build_programs", "rope_table",
            "manifest_preview", "shape_manifest", "unrolled_counts", "unroll", "PROGRAM_FILES",
            "add_programs", "buffer_sizes", "check_buffers"]
 
@@ -96,34 +98,83 @@ def rope_table(head_dim: int, max_seq: int, theta: float) -> np.ndarray:
     return np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
 
 
+#: the KV cache options a compile chooses from (``flightllm compile --kv``)
+KV_FORMATS = {"int8": "int8r/32", "int4": "int4r/32"}
+#: query heads' QK ahead of the PV that waits for their SOFTMAX (software pipelining)
+ATTN_LAG = 2
+
+
 @dataclass
 class Plan:
-    """What the programs assume about memory; stored in the manifest as ``programs``."""
+    """What the programs assume about memory; stored in the manifest as ``programs``.
+
+    The KV cache: values in the weight channels from ``kv_base`` (:mod:`flightllm.hw.kvcache`,
+    format ``kv_format``), scales in space KV (``kv_row_bytes`` per row, ``kv_bytes`` in
+    all); block-sparse attention when ``window`` > 0 (``sink`` leading blocks and the last
+    ``window`` blocks of 64 positions)."""
     max_seq: int
     chunk: int
     kv_row_bytes: int
     kv_bytes: int
     vocab: int
     out_row_bytes: int
+    layers: int
+    heads: int
     kv_heads: int
+    head_dim: int
+    kv_format: str
+    kv_base: int
+    kv_channel_bytes: int
+    sink: int = 0
+    window: int = 0
 
-    def kv_addr(self, layer: int, kind: int) -> int:
-        return (2 * layer + kind) * self.max_seq * self.kv_row_bytes
+    def layout(self, params: HwParams) -> KvLayout:
+        return KvLayout(self.layers, self.kv_heads, self.head_dim, self.max_seq,
+                        WeightFormat.parse(self.kv_format), params, self.kv_base)
 
     def to_dict(self):
         return dict(self.__dict__)
 
 
-def plan_from_manifest(m: dict) -> Plan:
+def _weights_end(m: dict) -> int:
+    """Bytes of the weights in every channel: where the KV cache starts."""
+    ends = [t["offset"] + align(t["region_bytes"]) for t in m["tensors"].values()]
+    return max(ends, default=0)
+
+
+def plan_from_manifest(m: dict, kv: str | None = None, sink: int | None = None,
+                       window: int | None = None) -> Plan:
+    """The plan of manifest ``m``: its own (``m['programs']['plan']``) if it has one, else
+    a new one with KV cache options ``kv`` (``int8`` / ``int4``), ``sink``, ``window``."""
+    old = (m.get("programs") or {}).get("plan")
+    if old and kv is None and sink is None and window is None:
+        return Plan(**old)
     cfg = ModelConfig.from_dict(m["model"])
     p = HwParams.from_dict(m["hw"])
     max_seq = min(p.max_seq_len, cfg.context_length) // p.kv_tile * p.kv_tile
     if max_seq <= 0:
         raise ScheduleError(f"model context {cfg.context_length} is shorter than one KV tile ({p.kv_tile})")
-    row = cfg.kv_dim + 4 * cfg.n_kv_heads
-    return Plan(max_seq=max_seq, chunk=p.mm_tokens, kv_row_bytes=row,
-                kv_bytes=2 * cfg.n_layers * max_seq * row, vocab=cfg.vocab, out_row_bytes=4 * cfg.vocab,
-                kv_heads=cfg.n_kv_heads)
+    kv = kv or "int8"
+    if kv not in KV_FORMATS:
+        raise ScheduleError(f"unknown KV cache option {kv!r}; choose one of {', '.join(KV_FORMATS)}")
+    sink, window = sink or 0, window or 0
+    if not (0 <= sink < 16 and 0 <= window < 256) or (sink and not window):
+        raise ScheduleError(f"block-sparse attention: sink {sink} (0..15) needs a window (1..255 blocks), "
+                            f"got window {window}")
+    if cfg.head_dim % KV_GROUP or max_seq % KV_GROUP:
+        raise ScheduleError(f"{cfg.name}: head_dim {cfg.head_dim} is not a multiple of {KV_GROUP} "
+                            "(the KV cache's group)")
+    base = align(_weights_end(m))
+    try:
+        lay = KvLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, max_seq, WeightFormat.parse(KV_FORMATS[kv]),
+                       p, base)
+    except ValueError as e:
+        raise ScheduleError(str(e)) from None
+    row = lay.scale_row_bytes
+    return Plan(max_seq=max_seq, chunk=p.mm_tokens, kv_row_bytes=row, kv_bytes=lay.scale_bytes,
+                vocab=cfg.vocab, out_row_bytes=4 * cfg.vocab, layers=cfg.n_layers, heads=cfg.n_heads,
+                kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, kv_format=lay.fmt.name, kv_base=base,
+                kv_channel_bytes=lay.channel_bytes, sink=sink, window=window)
 
 
 # ---------------------------------------------------------------------------------
@@ -145,12 +196,17 @@ class _Loop:
     body: list = field(default_factory=list)
 
 
+#: buffers attention uses one kv head at a time: ops on a head's part (``(buf, g)``)
+#: are independent of other heads' parts; a whole-buffer access touches every part
+PER_HEAD = (Buf.S, Buf.PQ, Buf.A)
+
+
 class _Builder:
-    def __init__(self, m: dict, mode: str):
+    def __init__(self, m: dict, mode: str, plan: Plan):
         self.m = m
         self.cfg = ModelConfig.from_dict(m["model"])
         self.p = HwParams.from_dict(m["hw"])
-        self.plan = plan_from_manifest(m)
+        self.plan = plan
         self.mode = mode
         self.mv = mode == "decode"
         self.stack = [[]]
@@ -223,42 +279,51 @@ class _Builder:
         eps = float(np.float32(c.rms_eps))
         emb = self.tensor("token_embd.weight")
         self.emit(Opcode.EMBED, ["W", "TOK"], [Buf.X], dst=Buf.X, rows_reg=Reg.CLEN, pos_reg=Reg.CPOS, **emb)
-        tile_shr = p.kv_tile.bit_length() - 1
         for i in range(c.n_layers):
             L = f"blk.{i}."
-            kvk, kvv = f"KV{i}K", f"KV{i}V"
             self.sfu(Opcode.RMSNORM, Buf.X, Buf.H, c.hidden, table=self.table(L + "attn_norm"), imm=eps)
             self.quant_for(Buf.H, c.hidden, *(L + f"attn_{x}.weight" for x in "qkv"))
-            self.matmul(L + "attn_q.weight", Buf.HQ, Buf.Q)
             self.matmul(L + "attn_k.weight", Buf.HQ, Buf.K)
             self.matmul(L + "attn_v.weight", Buf.HQ, Buf.V)
+            self.matmul(L + "attn_q.weight", Buf.HQ, Buf.Q)
             rope = self.table("rope")
-            self.sfu(Opcode.ROPE, Buf.Q, Buf.Q, nh * hd, seg=hd, aux_reg=Reg.CPOS, table=rope)
+            lay = pl.layout(p)
+            # K and V first: their stores run while q streams (the QK fetch needs them in HBM)
             self.sfu(Opcode.ROPE, Buf.K, Buf.K, c.kv_dim, seg=hd, aux_reg=Reg.CPOS, table=rope)
             self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd)
             self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd)
-            for kind, buf, reg in ((0, Buf.KQ, kvk), (1, Buf.VQ, kvv)):
-                self.emit(Opcode.ST_KV, [buf], [reg], buf=buf, space=Space.KV, rows_reg=Reg.CLEN,
+            for kind, buf in ((K, Buf.KQ), (V, Buf.VQ)):
+                off = lay.head_offset(i, kind, 0)
+                self.emit(Opcode.ST_KT, [buf], [("KVT", i, kind)], src=buf, rows_reg=Reg.CLEN, pos_reg=Reg.CPOS,
+                          kind=kind, bits=lay.fmt.bits, kv_heads=nkv, head_dim=hd, cap=pl.max_seq,
+                          kv_off=off // ALIGN, head_stride=lay.head_bytes(kind) // ALIGN)
+                self.emit(Opcode.ST_KV, [buf], [("KVS", i, kind)], buf=buf, space=Space.KV, rows_reg=Reg.CLEN,
                           row_bytes=pl.kv_row_bytes, preg=Reg.CPOS, pmul=pl.kv_row_bytes,
-                          addr=pl.kv_addr(i, kind))
+                          addr=lay.scale_addr(i, kind))
+            for kind, buf in ((K, Buf.KS), (V, Buf.VS)):
+                self.emit(Opcode.LD_KV, [("KVS", i, kind)], [buf], buf=buf, space=Space.KV, rows_reg=Reg.KVLEN,
+                          row_bytes=pl.kv_row_bytes, addr=lay.scale_addr(i, kind))
+            self.sfu(Opcode.ROPE, Buf.Q, Buf.Q, nh * hd, seg=hd, aux_reg=Reg.CPOS, table=rope)
             self.sfu(Opcode.QUANT, Buf.Q, Buf.QQ, nh * hd, seg=hd)
-            self.sfu(Opcode.FILL, Buf.A, Buf.A, c.hidden, imm=0.0)
-            attn = dict(heads=nh, kv_heads=nkv, head_dim=hd, tile=p.kv_tile, preg=Reg.TILE,
-                        pmul=p.kv_tile, rows_reg=Reg.CLEN)
-            ld = dict(buf=Buf.KT, space=Space.KV, rows=p.kv_tile, row_bytes=pl.kv_row_bytes,
-                      preg=Reg.TILE, pmul=p.kv_tile * pl.kv_row_bytes)
-            self.loop(Reg.TILE, Reg.KVLEN, p.kv_tile - 1, tile_shr)
-            self.emit(Opcode.LD_KV, [kvk], [Buf.KT], addr=pl.kv_addr(i, 0), **ld)
-            self.emit(Opcode.QK, [Buf.QQ, Buf.KT], [Buf.S], src=Buf.QQ, kv=Buf.KT, dst=Buf.S,
-                      scale=float(np.float32(1.0 / math.sqrt(hd))), **attn)
-            self.end_loop()
-            self.emit(Opcode.SOFTMAX, [Buf.S], [Buf.S], src=Buf.S, dst=Buf.S, n=nh, seg=hd,
-                      rows_reg=Reg.CLEN, aux_reg=Reg.CPOS, aux=1, imm=pl.max_seq)
-            self.loop(Reg.TILE, Reg.KVLEN, p.kv_tile - 1, tile_shr)
-            self.emit(Opcode.LD_KV, [kvv], [Buf.KT], addr=pl.kv_addr(i, 1), **ld)
-            self.emit(Opcode.PV, [Buf.S, Buf.KT, Buf.A], [Buf.A], src=Buf.S, kv=Buf.KT, dst=Buf.A,
-                      len_reg=Reg.CPOS, len_add=1, **attn)
-            self.end_loop()
+            # one kv head at a time, software-pipelined: QK of head g + ATTN_LAG is issued
+            # before PV of head g, so the MPE streams while the SFU runs head g's softmax
+            rep = nh // nkv
+            span = dict(rows_reg=Reg.CLEN, len_reg=Reg.CPOS, len_add=1, rep=rep, cap=pl.max_seq,
+                        sink=pl.sink, window=pl.window)
+            kvf = dict(head_dim=hd, bits=lay.fmt.bits, **span)
+
+            def qk(g):
+                self.emit(Opcode.QK, [Buf.QQ, Buf.KS, ("KVT", i, K)], [(Buf.S, g)], src=Buf.QQ, dst=Buf.S,
+                          aux=Buf.KS, kvh=g, kv_off=lay.head_offset(i, K, g) // ALIGN, **kvf)
+            for g in range(min(ATTN_LAG, nkv)):
+                qk(g)
+            for g in range(nkv):
+                self.emit(Opcode.SOFTMAX, [(Buf.S, g), Buf.VS], [(Buf.PQ, g)], src=Buf.S, dst=Buf.PQ, aux=Buf.VS,
+                          kvh=g, scale=score_scale(hd), **span)
+                if g + ATTN_LAG < nkv:
+                    qk(g + ATTN_LAG)
+                self.emit(Opcode.PV, [(Buf.PQ, g), ("KVT", i, V)], [(Buf.A, g)], src=Buf.PQ, dst=Buf.A,
+                          kvh=g, kv_off=lay.head_offset(i, V, g) // ALIGN, **kvf)
             self.quant_for(Buf.A, c.hidden, L + "attn_output.weight")
             self.matmul(L + "attn_output.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)
@@ -312,8 +377,17 @@ class _Builder:
         return self.stack[0]
 
 
-def _assign_tokens(region):
+def _expand(names, kv_heads):
+    out = []
+    for r in names:
+        out.extend([(r, g) for g in range(kv_heads)] if r in PER_HEAD else [r])
+    return out
+
+
+def _assign_tokens(region, kv_heads):
     """Dependency tokens inside one straight-line region (list of _Op)."""
+    for op in region:
+        op.reads, op.writes = _expand(op.reads, kv_heads), _expand(op.writes, kv_heads)
     last_w, readers = {}, {}
     synced = {}
     for b, op in enumerate(region):
@@ -347,12 +421,12 @@ def _assign_tokens(region):
             readers[w] = []
 
 
-def _flatten(items, out):
+def _flatten(items, out, kv_heads):
     """Nested ops/loops -> flat list of Instr, assigning tokens per region."""
     region = []
 
     def close():
-        _assign_tokens(region)
+        _assign_tokens(region, kv_heads)
         region.clear()
     for it in items:
         if isinstance(it, _Loop):
@@ -360,7 +434,7 @@ def _flatten(items, out):
             loop_ins = Instr(Opcode.LOOP, dict(rd=it.idx, ra=it.count, add=it.add, shr=it.shr))
             out.append(loop_ins)
             start = len(out)
-            _flatten(it.body, out)
+            _flatten(it.body, out, kv_heads)
             loop_ins.f["body"] = len(out) - start
         else:
             region.append(it)
@@ -373,10 +447,11 @@ def buffer_sizes(progs: dict, plan: Plan) -> dict:
     """On-chip buffer -> (rows, elements per row): the most any instruction of ``progs``
     puts in it, read from the instructions themselves.
 
-    Rows: ``mm_tokens`` where a register gives the row count (``CLEN``: a prefill
-    chunk; 1 in ``decode``), else the instruction's ``rows`` (the KV tile). Elements:
-    ``n_out`` of MV/MM, ``k_in`` of EMBED, ``n`` of the SFU ops, ``heads x head_dim``
-    of PV, the int8 values of an LD_KV row, and for QK's score buffer ``heads x max_seq``.
+    Rows: ``mm_tokens`` where ``CLEN`` gives the row count (a prefill chunk; 1 in
+    ``decode``), ``max_seq`` for the KV scale rows LD_KV loads (``KVLEN``). Elements:
+    ``n_out`` of MV/MM, ``k_in`` of EMBED, ``n`` of the SFU ops, ``heads x max_seq`` of
+    the scores and probabilities, ``heads x head_dim`` of PV's output, ``kv_heads`` of
+    an LD_KV row.
     """
     out = {}
     for name, prog in progs.items():
@@ -388,13 +463,13 @@ def buffer_sizes(progs: dict, plan: Plan) -> dict:
                 buf, width = f["dst"], f["n_out"]
             elif op == Opcode.EMBED:
                 buf, width = f["dst"], f["k_in"]
-            elif op == Opcode.QK:
-                buf, width = f["dst"], f["heads"] * plan.max_seq
+            elif op in (Opcode.QK, Opcode.SOFTMAX):
+                buf, width = f["dst"], plan.heads * plan.max_seq
             elif op == Opcode.PV:
-                buf, width = f["dst"], f["heads"] * f["head_dim"]
+                buf, width = f["dst"], plan.heads * f["head_dim"]
             elif op == Opcode.LD_KV:
-                buf, width = f["buf"], f["row_bytes"] - 4 * plan.kv_heads
-            elif UNIT_OF[op] == Unit.SFU and op not in (Opcode.ARGMAX, Opcode.SOFTMAX):
+                buf, width, rows = f["buf"], f["row_bytes"] // 4, plan.max_seq
+            elif UNIT_OF[op] == Unit.SFU and op != Opcode.ARGMAX:
                 buf, width = f["dst"], f["n"]
             else:
                 continue
@@ -404,49 +479,54 @@ def buffer_sizes(progs: dict, plan: Plan) -> dict:
     return dict(sorted(out.items(), key=lambda kv: kv[0].value))
 
 
-def check_buffers(m: dict, progs: dict | None = None) -> dict:
+def check_buffers(m: dict, progs: dict | None = None, plan: Plan | None = None) -> dict:
     """:func:`buffer_sizes` of the programs for manifest ``m`` (built unless given),
     checked against ``params.act_buf_depth`` elements per row.
 
     Raises :class:`ScheduleError` (a ValueError) naming the first buffer that does not fit.
     """
     p = HwParams.from_dict(m["hw"])
+    plan = plan or plan_from_manifest(m)
     if progs is None:
-        progs = build_programs(m, check=False)
-    sizes = buffer_sizes(progs, plan_from_manifest(m))
+        progs = build_programs(m, check=False, plan=plan)
+    sizes = buffer_sizes(progs, plan)
     for b, (rows, width) in sizes.items():
         if width > p.act_buf_depth:
-            what = " (heads x max_seq scores)" if b == Buf.S else ""
+            what = " (heads x max_seq scores)" if b in (Buf.S, Buf.PQ) else ""
             raise ScheduleError(f"on-chip buffer {b.name}: {rows} rows x {width} elements{what} per row exceed "
                                 f"act_buf_depth = {p.act_buf_depth} elements per row of hw {p.name!r}")
     return sizes
 
 
-def build_programs(manifest: dict, check: bool = True) -> dict:
+def build_programs(manifest: dict, check: bool = True, plan: Plan | None = None) -> dict:
     """{'decode', 'prefill', 'prefill_last': [Instr]} for an artifact manifest.
 
+    ``plan``: the memory plan (default: the manifest's, or INT8 KV, dense attention).
     ``check=False`` skips the on-chip buffer check (performance modelling of a shape
     that does not fit the preset; see :func:`check_buffers`).
     """
-    progs = {mode: _flatten(_Builder(manifest, mode).program(), []) for mode in PROGRAM_FILES}
+    plan = plan or plan_from_manifest(manifest)
+    progs = {mode: _flatten(_Builder(manifest, mode, plan).program(), [], plan.kv_heads) for mode in PROGRAM_FILES}
     if check:
-        check_buffers(manifest, progs)
+        check_buffers(manifest, progs, plan)
     return progs
 
 
-def add_programs(writer) -> dict:
+def add_programs(writer, kv: str = "int8", sink: int = 0, window: int = 0) -> dict:
     """Schedule an :class:`ArtifactWriter` before it is written (compile.py's hook).
 
-    Adds the RoPE table, the program images and the ``programs`` manifest entry;
-    returns that entry.
+    Adds the RoPE table, the program images and the ``programs`` manifest entry (its
+    plan: the KV cache in format ``kv``, block-sparse attention if ``window``); returns
+    that entry.
     """
     cfg, p = writer.config, writer.params
     plan_max = min(p.max_seq_len, cfg.context_length) // p.kv_tile * p.kv_tile
     writer.add_table("rope", rope_table(cfg.head_dim, max(plan_max, 1), cfg.rope_theta))
     m = manifest_preview(writer)
     t0 = time.perf_counter()
-    progs = build_programs(m)
-    entry = {"plan": plan_from_manifest(m).to_dict(), "files": {}}
+    plan = plan_from_manifest(m, kv, sink, window)
+    progs = build_programs(m, plan=plan)
+    entry = {"plan": plan.to_dict(), "files": {}}
     for name, prog in progs.items():
         writer.files[PROGRAM_FILES[name]] = encode_program(prog)
         entry["files"][name] = {"file": PROGRAM_FILES[name], "instructions": len(prog)}

@@ -14,6 +14,10 @@ keeps ``n_keep`` weights (dense: all). A kept weight is a ``bits``-wide integer 
   the real weight is ``d * q`` (GGUF Q8_0; Q4_0 with its offset 8 folded into ``q``);
 * formats with a min (``intBm``, dense only, ``B < 8``): unsigned ``q`` in
   ``[0, 2**B - 1]``, real weight ``d * q + mn`` (GGUF Q4_1);
+* raw formats (``intBr``, dense, signed): no scale and no min in the records: the
+  value is the integer itself (the hardware's fixed-point scale is 1, ``shift`` 0).
+  The KV cache is stored in them (:mod:`flightllm.hw.kvcache`): its scales live
+  beside it in float32, applied by the SFU;
 * two-level formats (``intBk``, a min too): per group an 8-bit unsigned sub-scale
   ``sc`` and sub-min ``sm``, per tensor one binary16 ``D`` and ``Mn``:
   ``d = D * sc``, ``mn = Mn * sm`` (both exact in float32), so a 4-bit format costs
@@ -21,8 +25,8 @@ keeps ``n_keep`` weights (dense: all). A kept weight is a ``bits``-wide integer 
   per tensor).
 
 ``d`` (and ``mn``) are otherwise IEEE binary16, one per (row, group), exactly as GGUF
-stores them. Names: ``int8/32``, ``int4/32``, ``int4m/32``, ``int4k/32``, ``int4-2:4/64``
-(bits, ``m`` for a min, ``k`` for two-level, the N:M pattern, ``/G``); :data:`GGUF_NATIVE`
+stores them. Names: ``int8/32``, ``int4/32``, ``int4m/32``, ``int4k/32``, ``int4-2:4/64``, ``int8r/32``
+(bits, ``m`` for a min, ``k`` for two-level, ``r`` for raw, the N:M pattern, ``/G``); :data:`GGUF_NATIVE`
 maps GGUF block types onto them.
 
 Scales in the hardware
@@ -57,7 +61,7 @@ little-endian bytes), with ``e = b*L + l`` the kept-weight index of lane ``l`` i
 
     values : for b < bpb, for i < Rc, for l < L:  q of row i, kept weight e   (bits each)
     indices: same order, position of the weight inside its m-window     (log2 m each; sparse only)
-    scales : for i < Rc: d of row i (binary16; two-level: the 8-bit sc)
+    scales : for i < Rc: d of row i (binary16; two-level: the 8-bit sc; raw: none)
     mins   : for i < Rc: mn of row i (binary16; two-level: the 8-bit sm; formats with a min only)
     zero padding to a multiple of RECORD_ALIGN_BITS
 
@@ -86,7 +90,7 @@ __all__ = [
     "scale_floor",
     "GGUF_NATIVE", "gguf_block_bytes", "gguf_to_qtensor", "record_bits", "record_count",
     "region_bytes", "PackedTensor",
-    "pack_tensor", "unpack_tensor", "nm_mask",
+    "pack_tensor", "unpack_tensor", "nm_mask", "value_bits",
 ]
 
 SCALE_STORE_BITS = 16       #: binary16 scale (and min) per group in HBM
@@ -100,7 +104,7 @@ E0_MAX = 25                 #: e0 = 25 - shift, so shift >= 0
 RECORD_ALIGN_BITS = 64      #: every record starts at a multiple of this in its channel stream
 ALIGN = 64                  #: byte alignment of every region in a channel image (one 512-bit beat)
 
-_FORMAT_RE = re.compile(r"^int(\d+)([mk]?)(?:-(\d+):(\d+))?(?:/(\d+))?$")
+_FORMAT_RE = re.compile(r"^int(\d+)([mkr]?)(?:-(\d+):(\d+))?(?:/(\d+))?$")
 
 
 def align(n: int, to: int = ALIGN) -> int:
@@ -122,6 +126,7 @@ class WeightFormat:
     group_size: int = 32
     has_min: bool = False
     two_level: bool = False
+    raw: bool = False
 
     def __post_init__(self):
         if self.n_keep == self.m:              # every dense pattern is the same format
@@ -139,31 +144,33 @@ class WeightFormat:
                              "(pruned weights would weigh the min; 8-bit unsigned values do not fit a lane)")
         if self.two_level and not self.has_min:
             raise ValueError(f"weight format {self.name}: two-level scales come with a min")
+        if self.raw and (self.has_min or not self.dense):
+            raise ValueError(f"weight format {self.name}: raw formats are dense and signed (no scale, no min)")
 
     @classmethod
     def parse(cls, text: str, group_size: int | None = None) -> "WeightFormat":
         """``int8/32``, ``int4m/32``, ``int4-2:4/64`` ...; ``group_size`` if the text has no ``/G``."""
         mt = _FORMAT_RE.match(str(text).strip())
         if not mt:
-            raise ValueError(f"bad weight format {text!r}: expected intB[m][-N:M][/G], e.g. int4/32, "
-                             "int4m/32, int4-2:4/64")
+            raise ValueError(f"bad weight format {text!r}: expected intB[m|k|r][-N:M][/G], e.g. int4/32, "
+                             "int4m/32, int4-2:4/64, int8r/32")
         bits, kind, n, m, g = mt.groups()
         if g is None and group_size is None:
             raise ValueError(f"weight format {text!r} names no group size (/G)")
-        return cls(int(bits), int(n or 1), int(m or 1), int(g) if g else int(group_size), bool(kind),
-                   kind == "k")
+        return cls(int(bits), int(n or 1), int(m or 1), int(g) if g else int(group_size), kind in ("m", "k"),
+                   kind == "k", kind == "r")
 
     @property
     def kind(self) -> int:
-        """0: signed values; 1: unsigned with a binary16 min; 2: two-level (instruction field ``kind``)."""
-        return 2 if self.two_level else 1 if self.has_min else 0
+        """0: signed values; 1: unsigned with a binary16 min; 2: two-level; 3: raw (instruction field ``kind``)."""
+        return 3 if self.raw else 2 if self.two_level else 1 if self.has_min else 0
 
     @classmethod
     def from_fields(cls, bits: int, n_keep: int, m: int, group_log2: int, kind: int) -> "WeightFormat":
         """The format an instruction's fields name (inverse of ``kind`` and ``log2(group_size)``)."""
-        if kind not in (0, 1, 2):
-            raise ValueError(f"format kind {kind} is not 0 (signed), 1 (min) or 2 (two-level)")
-        return cls(bits, n_keep, m, 1 << group_log2, kind > 0, kind == 2)
+        if kind not in (0, 1, 2, 3):
+            raise ValueError(f"format kind {kind} is not 0 (signed), 1 (min), 2 (two-level) or 3 (raw)")
+        return cls(bits, n_keep, m, 1 << group_log2, kind in (1, 2), kind == 2, kind == 3)
 
     @property
     def dense(self) -> bool:
@@ -172,7 +179,7 @@ class WeightFormat:
     @property
     def name(self) -> str:
         nm = "" if self.n_keep == self.m else f"-{self.n_keep}:{self.m}"
-        kind = "k" if self.two_level else "m" if self.has_min else ""
+        kind = "k" if self.two_level else "m" if self.has_min else "r" if self.raw else ""
         return f"int{self.bits}{kind}{nm}/{self.group_size}"
 
     @property
@@ -193,8 +200,8 @@ class WeightFormat:
 
     @property
     def scale_fields(self) -> int:
-        """Scale fields per (row, group): the scale, and the min if any."""
-        return 2 if self.has_min else 1
+        """Scale fields per (row, group): the scale, and the min if any (raw: none)."""
+        return 0 if self.raw else 2 if self.has_min else 1
 
     @property
     def scale_field_bits(self) -> int:
@@ -327,6 +334,10 @@ class QTensor:
             self.tensor_min = np.float16(self.tensor_min)
         elif self.tensor_scale is not None or self.tensor_min is not None:
             raise ValueError(f"{f.name}: only two-level formats have a tensor scale")
+        if f.raw:
+            if self.scale is not None:
+                raise ValueError(f"{f.name}: a raw tensor has no scales (pass scale=None)")
+            self.scale = np.ones((n, ng), np.float16)        # the implied scale 1
         self.scale = np.asarray(self.scale).astype(sdt)
         if self.scale.shape != (n, ng):
             raise ValueError(f"{f.name}: scales {self.scale.shape}, expected {(n, ng)}")
@@ -376,6 +387,8 @@ class QTensor:
     def fixed(self, shift: int | None = None):
         """``(shift, S, M)``: the hardware's fixed-point group scales and mins (int64 (N, K//G),
         ``M`` None without a min), exact, for ``shift`` (default: :func:`scale_shift`'s)."""
+        if self.fmt.raw:
+            return 0, np.ones(self.scale.shape, np.int64), None
         if not self.fmt.two_level:
             if shift is None:
                 shift = scale_shift(self.scale, self.min)
@@ -535,6 +548,25 @@ class PackedTensor:
         return b + bytes(align(len(b)) - len(b))
 
 
+def value_bits(fmt: WeightFormat, shape, params, rows, cols):
+    """Where the values of a dense tensor lie: ``(channel, bit offset in the channel's
+    region)`` of elements ``(rows, cols)`` (broadcast int arrays), per the record layout
+    of the module docstring. What a writer of single rows (the KV cache's ST_KT) needs."""
+    if not fmt.dense:
+        raise ValueError(f"value_bits: {fmt.name} is sparse (a value's place depends on the mask)")
+    gm = _geom(params)
+    n, k = shape
+    R, C, Rc, L = gm.chains, gm.channels, gm.rc, gm.lanes
+    rows, cols = np.broadcast_arrays(np.asarray(rows, np.int64), np.asarray(cols, np.int64))
+    ng = k // fmt.group_size
+    tile, j = rows // R, rows % R
+    grp, e = cols // fmt.group_size, cols % fmt.group_size
+    b, lane = e // L, e % L
+    rec = tile * ng + grp
+    bit = fmt.header_bits + rec * record_bits(fmt, Rc, L) + ((b * Rc + j // C) * L + lane) * fmt.bits
+    return j % C, bit
+
+
 def _bits(v: np.ndarray, width: int) -> np.ndarray:
     """(..., count) ints -> (..., count * width) bits, LSB first."""
     u = v.astype(np.int64) & ((1 << width) - 1)
@@ -605,7 +637,8 @@ def pack_tensor(qt: QTensor, params, shift: int | None = None) -> PackedTensor:
         if idx is not None:
             ii = I[r].reshape(tiles, Rc, ng, bpb, L).transpose(0, 2, 3, 1, 4).reshape(tiles, ng, -1)
             parts.append(_bits(ii, f.index_bits))
-        parts.append(_bits(S[r].transpose(0, 2, 1), fb))
+        if not f.raw:
+            parts.append(_bits(S[r].transpose(0, 2, 1), fb))
         if M is not None:
             parts.append(_bits(M[r].transpose(0, 2, 1), fb))
         bits = np.concatenate(parts, axis=-1)
@@ -650,8 +683,9 @@ def unpack_tensor(pt: PackedTensor) -> QTensor:
             ii = _ints(bits[..., o:o + ni], Rc * kept, f.index_bits, signed=False)
             I[r] = ii.reshape(tiles, ng, bpb, Rc, L).transpose(0, 3, 1, 2, 4).reshape(tiles, Rc, ng, kept)
             o += ni
-        S[r] = _ints(bits[..., o:o + Rc * fb], Rc, fb, False).astype(np.uint16).transpose(0, 2, 1)
-        o += Rc * fb
+        if not f.raw:
+            S[r] = _ints(bits[..., o:o + Rc * fb], Rc, fb, False).astype(np.uint16).transpose(0, 2, 1)
+            o += Rc * fb
         if f.has_min:
             M[r] = _ints(bits[..., o:o + Rc * fb], Rc, fb, False).astype(np.uint16).transpose(0, 2, 1)
     if heads and any(h != heads[0] for h in heads):
@@ -670,4 +704,6 @@ def unpack_tensor(pt: PackedTensor) -> QTensor:
     if f.two_level:
         ts, tm = np.frombuffer(heads[0], np.float16)
         return QTensor(f, q.astype(np.int8), S.astype(np.uint8), M.astype(np.uint8), mask, ts, tm)
+    if f.raw:
+        return QTensor(f, q.astype(np.int8), None)
     return QTensor(f, q.astype(np.int8), S.view(np.float16), M.view(np.float16) if f.has_min else None, mask)

@@ -16,20 +16,45 @@ dependency-token masks. A program image is the words back to back; it ends with
 Units and dependency tokens
 ---------------------------
 Each opcode executes on one unit (:data:`UNIT_OF`): ``LD`` (HBM -> on-chip
-buffers: KV tiles, embedding rows), ``ST`` (on-chip -> HBM: KV cache rows,
-logits), ``MPE`` (matrix engine: MV, MM, QK) and ``SFU`` (special functions);
-``SYS`` instructions (loops, register arithmetic, END) run in the dispatcher.
-The dispatcher issues instructions in program order into one in-order queue per
-unit. Between every ordered pair of units (P, U) there is a token FIFO. An
-instruction of unit U with bit P set in ``wait`` pops one token from FIFO (P->U)
-before it starts (it blocks until one is there); with bit C set in ``signal`` it
-pushes one token into FIFO (U->C) when it completes. A token must be signalled by
-an instruction earlier in program order than the one that waits for it; a wait
+buffers: the KV cache's scales, embedding rows), ``ST`` (on-chip -> HBM: KV cache
+values and scales, logits), ``MPE`` (matrix engine: MV, MM, QK, PV) and ``SFU``
+(special functions); ``SYS`` instructions (loops, register arithmetic, END) run in
+the dispatcher. The dispatcher issues instructions in program order into one
+in-order queue per unit, reading every register field (``*_reg``, ``preg``) as it
+enqueues, so a queued instruction no longer depends on the registers. Between every
+ordered pair of units (P, U) there is a token FIFO. An instruction of unit U with bit
+P set in ``wait`` pops one token from FIFO (P->U) before it starts (it blocks until
+one is there); with bit C set in ``signal`` it pushes one token into FIFO (U->C) when
+it *completes* (its results are in the buffers or in HBM). A token must be signalled
+by an instruction earlier in program order than the one that waits for it; a wait
 that no earlier instruction can satisfy is a deadlock (the golden model raises).
 
-``LOOP`` and the back edge of every loop iteration, and ``END``, are *barriers*:
-the dispatcher waits until every unit is idle, and every token FIFO must then be
-empty (the compiler balances tokens inside each straight-line region).
+Overlap rules (what the dispatcher and units do; the golden model's cycle model is
+exactly these rules, with the durations of :mod:`flightllm.runtime.timing`)
+----------------------------------------------------------------------------------
+1. **Units pipeline their own instructions.** A unit starts its next instruction when
+   it has *issued* the previous one (MPE: its last beat entered the chains; SFU: its
+   last element entered the lanes; LD/ST: its last burst was requested); results come
+   out a pipeline latency later. A unit's scoreboard holds an instruction that reads
+   a buffer an earlier, still incomplete instruction *of the same unit* writes until
+   that one completes (an SFU op reading the previous op's output waits for it;
+   independent ops follow back to back). Across units only tokens order accesses.
+2. **The matrix engine's operand streams run ahead.** Every MPE instruction (MV, MM,
+   QK, PV) has two phases. Its *fetch*: the weight streamers read its records (a
+   weight tensor, or a kv head's K or V cache region) from every weight channel into
+   per-channel FIFOs of ``stream_fifo_beats`` words, in MPE program order, as soon as
+   the previous fetch is done and the FIFOs have room. Its *compute*: the beats enter
+   the chains as they arrive. Tokens from LD or ST gate the fetch (the streamed data
+   was written by a store); tokens from SFU (and MPE) gate the compute (the
+   activations). So weights stream ahead of compute through the FIFOs, whatever the
+   SFU is doing, as long as they have room.
+3. **HBM is shared.** The streamers, LD and ST use the same pseudo-channels; a load or
+   store delays the streams by the time its bytes take.
+4. **Barriers** are ``LOOP`` (entry), the back edge of each loop iteration and ``END``:
+   the dispatcher waits until every unit has completed everything, and every token
+   FIFO must then be empty (the compiler balances tokens inside each straight-line
+   region). The decode program has no loops; the prefill programs' chunk loop is the
+   only barrier inside a run (prefill is compute-bound: ``docs/perf.md`` gives its cost).
 
 Registers and runtime-patched fields
 ------------------------------------
@@ -79,21 +104,22 @@ class Opcode(enum.Enum, shape=6):
     END = 1
     LOOP = 2        #: hardware loop, trip count from a register
     SETR = 3        #: register arithmetic: R[rd] = min(R[rb] + R[ra]*mul + add, lim)
-    LD_KV = 8       #: HBM -> on-chip buffer: rows of int8 values + float32 scales
+    LD_KV = 8       #: HBM KV space -> on-chip float32 rows (the KV cache's scales)
     EMBED = 9       #: gather embedding rows by token id from the weight channels, dequantize
-    ST_KV = 12      #: on-chip int8 rows + scales -> HBM
+    ST_KV = 12      #: the per-segment float32 scales of int8 rows -> HBM KV space
     ST_OUT = 13     #: on-chip float32 rows (logits) -> HBM output region
+    ST_KT = 14      #: int8 K or V rows -> the KV cache's raw tensors in the weight channels
     MV = 16         #: matrix engine, one activation vector (decode)
     MM = 17         #: matrix engine, rows_reg activation vectors (prefill)
-    QK = 18         #: attention scores: int8 q (per head) . int8 K tile
+    QK = 18         #: attention scores of one kv head: int8 queries x the streamed K cache
+    PV = 19         #: attention output of one kv head: int8 probabilities x the streamed V cache
     RMSNORM = 24
     ROPE = 25
-    SOFTMAX = 26
+    SOFTMAX = 26    #: one kv head's scores -> int8 probabilities for PV (normaliser folded in)
     SILU_MUL = 27
     ADD = 28
     QUANT = 29      #: requantize float32 -> int8 with one scale per segment (KV cache, queries)
     DEQUANT = 30
-    PV = 31         #: attention output: sum_p P[p] * dequant(V[p]), in position order
     ARGMAX = 32
     FILL = 33       #: set a float32 buffer to a constant
     QUANTG = 34     #: requantize float32 -> int8 for the matrix engine: a scale per row, a factor per group
@@ -141,13 +167,15 @@ class Buf(enum.Enum, shape=5):
     QQ = 6         #: int8 query, one scale per head
     KQ = 7         #: int8 key rows to store, one scale per kv head
     VQ = 8         #: int8 value rows to store
-    KT = 9         #: int8 KV tile loaded from HBM (kv_tile rows)
-    S = 10         #: float32 attention scores / probabilities (rows x heads x max_seq)
+    KS = 9         #: float32 key scales (max_seq rows x kv_heads), loaded by LD_KV
+    S = 10         #: float32 attention scores (rows x heads x max_seq)
     A = 11         #: float32 attention output (rows x hidden)
     G = 12         #: float32 gate projection (rows x ffn)
     U = 13         #: float32 up projection
     Y = 14         #: float32 matrix-engine output before a residual add
     LOG = 15       #: float32 logits (rows x vocab)
+    VS = 16        #: float32 value scales (max_seq rows x kv_heads), loaded by LD_KV
+    PQ = 17        #: int8 probabilities (rows x heads x max_seq), a scale per (row, head), a factor per 32
 
 
 class Space(enum.Enum, shape=2):
@@ -207,21 +235,54 @@ class MemFmt(data.Struct):
 
 
 class AttnFmt(data.Struct):
-    """QK (MPE) and PV (SFU): one KV tile against the chunk's heads."""
+    """QK and PV (MPE): one kv head's attention, streaming its K or V cache region."""
     hdr: Header
-    src: Buf                #: QK: int8 queries; PV: float32 probabilities
-    kv: Buf                 #: int8 KV tile
-    dst: Buf                #: QK: scores; PV: float32 accumulator (+=)
+    src: Buf                #: QK: int8 queries (QQ); PV: int8 probabilities (PQ)
+    dst: Buf                #: QK: scores (S); PV: attention output (A)
+    aux: Buf                #: QK: key scales (KS); PV: unused
+    rows_reg: Reg           #: token rows T = R[rows_reg]
+    len_reg: Reg            #: row t attends positions < R[len_reg] + len_add + t
+    len_add: signed(6)
+    kvh: unsigned(8)        #: kv head g; its query heads are g*rep .. g*rep + rep - 1
+    rep: unsigned(6)        #: query heads per kv head
+    head_dim: unsigned(10)
+    bits: unsigned(4)       #: KV cache values: format int{bits}r/32
+    cap: unsigned(16)       #: positions the cache holds (score row stride, V columns)
+    sink: unsigned(4)       #: block-sparse: leading blocks always attended
+    window: unsigned(8)     #: block-sparse: blocks attended up to the row's own (0: dense)
+    kv_off: unsigned(24)    #: the head's cache region in every weight channel, in 64-byte units
+
+
+class SoftFmt(data.Struct):
+    """SOFTMAX (SFU): one kv head's scores -> the int8 probabilities PV takes."""
+    hdr: Header
+    src: Buf                #: scores (S)
+    dst: Buf                #: int8 probabilities (PQ)
+    aux: Buf                #: value scales (VS)
     rows_reg: Reg
-    heads: unsigned(8)
+    len_reg: Reg            #: as AttnFmt
+    len_add: signed(6)
+    kvh: unsigned(8)
+    rep: unsigned(6)
+    cap: unsigned(16)
+    sink: unsigned(4)
+    window: unsigned(8)
+    scale: unsigned(32)     #: float32 bits of the score scale 1/sqrt(head_dim)
+
+
+class KvStFmt(data.Struct):
+    """ST_KT (ST): rows of int8 K or V values into the KV cache's raw tensors."""
+    hdr: Header
+    src: Buf                #: int8 rows (T x kv_heads*head_dim), from QUANT
+    rows_reg: Reg           #: T = R[rows_reg]
+    pos_reg: Reg            #: row t is position R[pos_reg] + t
+    kind: unsigned(1)       #: 0: K (rows = positions); 1: V (stored transposed)
+    bits: unsigned(4)       #: int{bits}r/32
     kv_heads: unsigned(8)
     head_dim: unsigned(10)
-    tile: unsigned(11)      #: positions in the tile
-    preg: Reg               #: first position of the tile = R[preg] * pmul
-    pmul: unsigned(12)
-    len_reg: Reg            #: PV: row t uses positions < R[len_reg] + len_add + t
-    len_add: signed(6)
-    scale: unsigned(32)     #: QK: float32 bits of the score scale 1/sqrt(head_dim)
+    cap: unsigned(16)
+    kv_off: unsigned(24)    #: head 0's region in every weight channel, 64-byte units
+    head_stride: unsigned(24)   #: between heads' regions, 64-byte units
 
 
 class SfuFmt(data.Struct):
@@ -247,11 +308,12 @@ for _op, _fmt, _unit in [
         (Opcode.LD_KV, MemFmt, Unit.LD), (Opcode.EMBED, WeightFmt, Unit.LD),
         (Opcode.ST_KV, MemFmt, Unit.ST), (Opcode.ST_OUT, MemFmt, Unit.ST),
         (Opcode.MV, WeightFmt, Unit.MPE), (Opcode.MM, WeightFmt, Unit.MPE),
-        (Opcode.QK, AttnFmt, Unit.MPE),
+        (Opcode.ST_KT, KvStFmt, Unit.ST),
+        (Opcode.QK, AttnFmt, Unit.MPE), (Opcode.PV, AttnFmt, Unit.MPE),
         (Opcode.RMSNORM, SfuFmt, Unit.SFU), (Opcode.ROPE, SfuFmt, Unit.SFU),
-        (Opcode.SOFTMAX, SfuFmt, Unit.SFU), (Opcode.SILU_MUL, SfuFmt, Unit.SFU),
+        (Opcode.SOFTMAX, SoftFmt, Unit.SFU), (Opcode.SILU_MUL, SfuFmt, Unit.SFU),
         (Opcode.ADD, SfuFmt, Unit.SFU), (Opcode.QUANT, SfuFmt, Unit.SFU),
-        (Opcode.DEQUANT, SfuFmt, Unit.SFU), (Opcode.PV, AttnFmt, Unit.SFU),
+        (Opcode.DEQUANT, SfuFmt, Unit.SFU),
         (Opcode.ARGMAX, SfuFmt, Unit.SFU), (Opcode.FILL, SfuFmt, Unit.SFU),
         (Opcode.QUANTG, SfuFmt, Unit.SFU)]:
     FORMATS[_op] = _fmt
@@ -259,8 +321,8 @@ for _op, _fmt, _unit in [
 assert set(FORMATS) == set(Opcode)
 
 #: fields holding IEEE float32 bits; :class:`Instr` takes and shows them as floats
-FLOAT_FIELDS = {AttnFmt: ("scale",), SfuFmt: ("imm",)}
-_FLOAT_OPS = {(Opcode.QK, "scale"), (Opcode.RMSNORM, "imm"), (Opcode.FILL, "imm")}
+FLOAT_FIELDS = {SoftFmt: ("scale",), SfuFmt: ("imm",)}
+_FLOAT_OPS = {(Opcode.SOFTMAX, "scale"), (Opcode.RMSNORM, "imm"), (Opcode.FILL, "imm")}
 
 
 def f32_bits(x: float) -> int:
@@ -461,7 +523,8 @@ def decode_program(image: bytes, where: str = "program") -> list:
 _BUF_FIELDS = {op: ("src", "dst") for op, f in FORMATS.items() if f is SfuFmt}
 _BUF_FIELDS.update({Opcode.ADD: ("src", "src2", "dst"), Opcode.SILU_MUL: ("src", "src2", "dst"),
                     Opcode.MV: ("src", "dst"), Opcode.MM: ("src", "dst"), Opcode.EMBED: ("dst",),
-                    Opcode.QK: ("src", "kv", "dst"), Opcode.PV: ("src", "kv", "dst"),
+                    Opcode.QK: ("src", "aux", "dst"), Opcode.PV: ("src", "dst"),
+                    Opcode.SOFTMAX: ("src", "aux", "dst"), Opcode.ST_KT: ("src",),
                     Opcode.LD_KV: ("buf",), Opcode.ST_KV: ("buf",), Opcode.ST_OUT: ("buf",)})
 
 
@@ -608,7 +671,7 @@ def write_doc(path) -> None:
 def markdown_table() -> str:
     """The field table of every format, generated from the layouts (docs/isa.md)."""
     out = []
-    for fmt in (SysFmt, WeightFmt, MemFmt, AttnFmt, SfuFmt):
+    for fmt in (SysFmt, WeightFmt, MemFmt, KvStFmt, AttnFmt, SoftFmt, SfuFmt):
         ops = ", ".join(o.name for o, f in FORMATS.items() if f is fmt)
         size = data.Layout.cast(fmt).size
         out.append(f"### {fmt.__name__} ({size} of {WORD_BITS} bits): {ops}\n")

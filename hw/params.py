@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .formats import WeightFormat
 
-__all__ = ["HwParams", "PRESETS", "get_preset", "DEFAULT_FORMATS", "ACT_MAX", "WEIGHT_MAX", "FACTOR_MAX"]
+__all__ = ["HwParams", "PRESETS", "get_preset", "DEFAULT_FORMATS", "DEFAULT_KV_FORMATS", "ACT_MAX", "WEIGHT_MAX", "FACTOR_MAX"]
 
 #: The matrix engine's number ranges (every build: ``act_bits`` 8, ``act_factor_bits`` 8).
 ACT_MAX = 127        #: activations are INT8 in [-ACT_MAX, ACT_MAX] (the requantizers never emit -128)
@@ -45,6 +45,10 @@ FACTOR_MAX = 255     #: largest per-group activation factor (8 bits unsigned)
 #: INT2/INT3 and 2:4 INT8 (no preset within the quality targets used them; int8-2:4/64
 #: would also grow the largest record, the aligner's width, from 1088 to 1344 bits).
 DEFAULT_FORMATS = ("int8/32", "int4/32", "int4m/32", "int4k/32", "int4-2:4/64", "int4-4:8/64")
+
+#: The KV cache's formats (:mod:`flightllm.hw.kvcache`): raw signed INT8 or INT4 values in
+#: groups of 32 positions (PV) or 32 head dimensions (QK), with no scales in the records.
+DEFAULT_KV_FORMATS = ("int8r/32", "int4r/32")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class HwParams:
         The packed weight formats this build runs (:class:`~flightllm.hw.formats.WeightFormat`
         names such as ``int4m/32``); the compiler refuses any other. Each adds a case
         to the dequant unit's lane muxes, and the largest ``m`` sets every lane's sparse MUX.
+    kv_formats : tuple of str
+        The raw formats the KV cache may be stored in (``int8r/32``, ``int4r/32``): the
+        dequant units decode them too (:meth:`engine_formats`); a compile chooses one.
     act_bits : int
         Width of activations entering the matrix engine (INT8, in [-127, 127]).
     act_factor_bits : int
@@ -78,8 +85,9 @@ class HwParams:
         HBM pseudo-channels that stream weights (one streamer and dequant unit each);
         ``chains`` must be a multiple of it.
     kv_channels : int
-        Pseudo-channels (the last ones of the weight channels) that also hold the KV
-        cache.
+        Pseudo-channels the LD/ST address spaces (the KV cache's scales, the logits) are
+        interleaved over, in 64-byte granules (the last ``kv_channels`` weight channels).
+        The KV cache's values live in every weight channel (:mod:`flightllm.hw.kvcache`).
     hbm_port_bits : int
         Data width of one AXI4 master port at the kernel clock.
     hbm_channel_gbps : float
@@ -94,6 +102,10 @@ class HwParams:
         Elements the special-function unit handles per cycle.
     max_seq_len : int
         Longest sequence the instruction programs and KV cache are sized for.
+    stream_fifo_beats : int
+        Depth, in ``hbm_port_bits`` words, of each weight channel's stream FIFO between
+        the AXI read master and the dequant unit: how far weights and KV records stream
+        ahead of compute (the ISA's overlap rule 2).
     mm_tokens : int
         Most activation vectors (tokens) one MM operation of the matrix engine takes:
         each weight beat is held for that many cycles, and every chain keeps that many
@@ -106,6 +118,7 @@ class HwParams:
     chain_len: int
     dsp_group: int
     weight_formats: tuple = DEFAULT_FORMATS
+    kv_formats: tuple = DEFAULT_KV_FORMATS
     act_bits: int = 8
     act_factor_bits: int = 8
     acc_bits: int = 64
@@ -118,6 +131,7 @@ class HwParams:
     sfu_lanes: int = 16
     max_seq_len: int = 2048
     mm_tokens: int = 16
+    stream_fifo_beats: int = 512
 
     def __post_init__(self):
         def need(cond, what):
@@ -126,7 +140,7 @@ class HwParams:
 
         for f in ("chains", "chain_len", "dsp_group", "weight_channels",
                   "kv_channels", "hbm_port_bits", "act_buf_depth", "kv_tile",
-                  "sfu_lanes", "max_seq_len", "mm_tokens"):
+                  "sfu_lanes", "max_seq_len", "mm_tokens", "stream_fifo_beats"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
                  f"{f} must be a positive int, not {getattr(self, f)!r}")
         need(self.chain_len % self.dsp_group == 0,
@@ -136,16 +150,20 @@ class HwParams:
              f"chains ({self.chains}) must be a multiple of weight_channels ({self.weight_channels})")
         need(isinstance(self.weight_formats, tuple) and self.weight_formats,
              "weight_formats must be a non-empty tuple of format names")
-        for name in self.weight_formats:
-            try:
-                fmt = WeightFormat.parse(name)
-            except ValueError as e:
-                need(False, f"weight_formats: {e}")
-            need(fmt.name == name, f"weight_formats: write {name!r} as {fmt.name!r}")
-            need(fmt.kept_per_group % self.chain_len == 0,
-                 f"format {name} keeps {fmt.kept_per_group} weights per group, not a multiple of "
-                 f"chain_len {self.chain_len} (a beat never splits a group's lanes)")
         need(len(set(self.weight_formats)) == len(self.weight_formats), "weight_formats lists a format twice")
+        for field_name, names, raw in (("weight_formats", self.weight_formats, False),
+                                       ("kv_formats", self.kv_formats, True)):
+            need(isinstance(names, tuple), f"{field_name} must be a tuple of format names")
+            for name in names:
+                try:
+                    fmt = WeightFormat.parse(name)
+                except ValueError as e:
+                    need(False, f"{field_name}: {e}")
+                need(fmt.name == name, f"{field_name}: write {name!r} as {fmt.name!r}")
+                need(fmt.raw == raw, f"{field_name}: {name} is {'not ' if raw else ''}a raw format")
+                need(fmt.kept_per_group % self.chain_len == 0,
+                     f"format {name} keeps {fmt.kept_per_group} weights per group, not a multiple of "
+                     f"chain_len {self.chain_len} (a beat never splits a group's lanes)")
         need(self.act_bits == 8 and self.act_factor_bits == 8,
              "act_bits and act_factor_bits must be 8 (ACT_MAX, FACTOR_MAX and the SFU's requantizers assume it)")
         need(self.max_seq_len % self.kv_tile == 0,
@@ -171,6 +189,16 @@ class HwParams:
         """The build's :class:`~flightllm.hw.formats.WeightFormat` set, in ``weight_formats`` order."""
         return tuple(WeightFormat.parse(n) for n in self.weight_formats)
 
+    def engine_formats(self) -> tuple:
+        """Every format the dequant units decode: the weight formats, then the KV formats."""
+        return self.formats() + tuple(WeightFormat.parse(n) for n in self.kv_formats)
+
+    def check_kv_format(self, fmt: WeightFormat, what: str = "KV cache") -> None:
+        """Raise ``ValueError`` naming ``what`` if the build does not store its KV cache in ``fmt``."""
+        if fmt.name not in self.kv_formats:
+            raise ValueError(f"{what}: format {fmt.name} is not in hardware preset {self.name!r}'s KV "
+                             f"formats ({', '.join(self.kv_formats)})")
+
     def check_format(self, fmt: WeightFormat, what: str = "tensor") -> None:
         """Raise ``ValueError`` naming ``what`` if the build does not run ``fmt``."""
         if fmt.name not in self.weight_formats:
@@ -181,6 +209,7 @@ class HwParams:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["weight_formats"] = list(self.weight_formats)
+        d["kv_formats"] = list(self.kv_formats)
         return d
 
     def to_json(self) -> str:
@@ -193,23 +222,25 @@ class HwParams:
         if unknown:
             raise ValueError(f"HwParams: unknown field(s) {sorted(unknown)}")
         d = dict(d)
-        if "weight_formats" in d:
-            d["weight_formats"] = tuple(d["weight_formats"])
+        for key in ("weight_formats", "kv_formats"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
 PRESETS = {
-    # Alveo U280: all 32 HBM pseudo-channels stream weights; the KV cache shares the
-    # last 4 of them (attention and weight streaming do not overlap in decode).
+    # Alveo U280: all 32 HBM pseudo-channels stream weights and the KV cache; the LD/ST
+    # spaces (KV scales, logits) are interleaved over all of them too, so no channel
+    # carries more than its share. 512-word stream FIFOs (8 BRAM36 per channel).
     # 128 chains x 32 MACs = 4096 MAC lanes, enough to keep up with ~2 KB/cycle of
     # INT4 weights at 225 MHz (FlightLLM's clock).
     "u280": HwParams(name="u280", clock_mhz=225.0, chains=128, chain_len=32, dsp_group=8,
-                     weight_channels=32, kv_channels=4, hbm_port_bits=512,
+                     weight_channels=32, kv_channels=32, hbm_port_bits=512,
                      hbm_channel_gbps=14.375, act_buf_depth=131072, kv_tile=64,
                      sfu_lanes=32, max_seq_len=4096),
     # Versal HBM VHK158: 819 GB/s HBM2e in 64 pseudo-channels of ~12.8 GB/s.
     "vhk158": HwParams(name="vhk158", clock_mhz=300.0, chains=256, chain_len=32, dsp_group=8,
-                       weight_channels=64, kv_channels=8, hbm_port_bits=512,
+                       weight_channels=64, kv_channels=64, hbm_port_bits=512,
                        hbm_channel_gbps=12.8, act_buf_depth=131072, kv_tile=64,
                        sfu_lanes=64, max_seq_len=4096),
     # Small enough to simulate in seconds under Verilator.

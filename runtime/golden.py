@@ -66,11 +66,13 @@ from pathlib import Path
 import numpy as np
 from amaranth.lib import enum
 
-from ..hw.formats import PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
+from ..hw.formats import ALIGN, PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
 from ..hw.isa import LOOP_DEPTH, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
+from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
 from .arith import mpe_accumulate, prepare_weights
+from .timing import Timing, timing_for
 
 __all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads"]
 
@@ -138,28 +140,41 @@ def weight_format(f: dict, what: str) -> WeightFormat:
 
 _NU = len(TOKEN_UNITS)
 _UNAMES = [u.name for u in TOKEN_UNITS]
-(_NOP, _END, _LOOP, _SETR, _LD_KV, _EMBED, _ST_KV, _ST_OUT, _MV, _MM, _QK, _RMSNORM, _ROPE, _SOFTMAX,
+(_NOP, _END, _LOOP, _SETR, _LD_KV, _EMBED, _ST_KV, _ST_OUT, _ST_KT, _MV, _MM, _QK, _RMSNORM, _ROPE, _SOFTMAX,
  _SILU_MUL, _ADD, _QUANT, _DEQUANT, _PV, _ARGMAX, _FILL, _QUANTG) = (o.value for o in (
     Opcode.NOP, Opcode.END, Opcode.LOOP, Opcode.SETR, Opcode.LD_KV, Opcode.EMBED, Opcode.ST_KV, Opcode.ST_OUT,
-    Opcode.MV, Opcode.MM, Opcode.QK, Opcode.RMSNORM, Opcode.ROPE, Opcode.SOFTMAX, Opcode.SILU_MUL,
+    Opcode.ST_KT, Opcode.MV, Opcode.MM, Opcode.QK, Opcode.RMSNORM, Opcode.ROPE, Opcode.SOFTMAX, Opcode.SILU_MUL,
     Opcode.ADD, Opcode.QUANT, Opcode.DEQUANT, Opcode.PV, Opcode.ARGMAX, Opcode.FILL, Opcode.QUANTG))
+_LD, _ST, _MPE, _SFU = (u.value for u in TOKEN_UNITS)
+_FETCH_UNITS = (_LD, _ST)          # tokens from these gate an MPE instruction's fetch (overlap rule 2)
 _KV, _OUT = Space.KV.value, Space.OUT.value
 _ARGMAX_REG = Reg.ARGMAX.value
 # resources of the hazard check: the on-chip buffers (Buf values) and these pseudo-resources
+# (Buf values; (Buf, kv head) for the per-head parts of S, PQ, A; ("KVT", offset) for a kv
+# head's cache region and ("KVS", address) for a layer's scale rows in HBM)
 _NBUF = max(b.value for b in Buf) + 1
-_TOK, _TAB, _KVR, _OUTR, _REGR = range(_NBUF, _NBUF + 5)
-_PSEUDO = {_TOK: "token buffer", _TAB: "tables", _KVR: "KV HBM", _OUTR: "output HBM", _REGR: "ARGMAX register"}
+_TOK, _TAB, _OUTR, _REGR = range(_NBUF, _NBUF + 4)
+_PSEUDO = {_TOK: "token buffer", _TAB: "tables", _OUTR: "output HBM", _REGR: "ARGMAX register"}
+#: buffers attention touches one kv head at a time: a whole-buffer access means every head
+PER_HEAD = (Buf.S.value, Buf.PQ.value, Buf.A.value)
 # instruction kinds of the interpreter loop
 _K_OP, _K_SETR, _K_LOOP, _K_END, _K_NOP = range(5)
 
 
 def _rname(r):
+    if isinstance(r, tuple):
+        if r[0] == "KVT":
+            return f"KV cache region at {r[1]}"
+        if r[0] == "KVS":
+            return f"KV scale rows at {r[1]}"
+        return f"{Buf(r[0]).name}[kv head {r[1]}]"
     return _PSEUDO.get(r) or Buf(r).name
 
 
 class _CI:
     """An instruction prepared for execution (see the module docstring, Execution)."""
-    __slots__ = ("op", "f", "kind", "unit", "opv", "waits", "sigs", "reads", "writes", "h", "setr", "loop")
+    __slots__ = ("op", "f", "kind", "unit", "opv", "waits", "sigs", "reads", "writes", "hreads", "h", "setr",
+                 "loop")
 
     def __init__(self, ins):
         self.op = ins.op
@@ -175,7 +190,7 @@ class _CI:
         self.setr = (f.get("rb", 0), f.get("ra", 0), f.get("mul", 0), f.get("add", 0), f.get("lim", 0),
                      f.get("rd", 0))
         self.loop = (f.get("body", 0), f.get("ra", 0), f.get("add", 0), f.get("shr", 0), f.get("rd", 0))
-        self.reads = self.writes = ()
+        self.reads = self.writes = self.hreads = ()
         self.h = None
 
 
@@ -224,9 +239,10 @@ class Golden:
     """
 
     def __init__(self, params: HwParams, channels, tables, plan: dict, tensors: dict | None = None,
-                 functional: bool = True, check_hazards: bool = True, weight_cache=None):
+                 functional: bool = True, check_hazards: bool = True, weight_cache=None,
+                 timing: Timing | None = None):
         self.p = params
-        self.channels = channels
+        self.timing = timing or timing_for(params)
         self.tables = np.asarray(tables, dtype=F32) if tables is not None else None
         self.plan = dict(plan)
         self.functional = functional
@@ -237,10 +253,31 @@ class Golden:
         self.weight_cache = None if weight_cache is None else Path(weight_cache)
         self.regs = [0] * 16                 # plain ints: read at issue time by register fields
         self.tokens = np.zeros(self.plan["max_seq"], dtype=np.int64)
-        self.kv = np.zeros(self.plan["kv_bytes"] if functional else 0, dtype=np.uint8)
+        pl = self.plan
+        self.kvl = None                      # a plan without a KV cache: no attention operations
+        if "kv_format" in pl:
+            self.kvl = KvLayout(pl["layers"], pl["kv_heads"], pl["head_dim"], pl["max_seq"],
+                                WeightFormat.parse(pl["kv_format"]), params, pl["kv_base"])
+        self.channels = None
+        if functional:
+            # weight HBM: the images, then the KV cache's values (written by ST_KT)
+            base = self.kvl.base if self.kvl else max((len(c) for c in channels), default=0)
+            size = base + (self.kvl.channel_bytes if self.kvl else 0)
+            self.channels = []
+            for c, img in enumerate(channels):
+                if len(img) > base:
+                    raise GoldenError(f"weights/ch{c:02d}.bin: {len(img)} bytes run into the KV cache at {base}")
+                a = np.zeros(size, np.uint8)
+                a[:len(img)] = np.frombuffer(img, np.uint8)
+                self.channels.append(a)
+        self.kvm = {}                        # KV region offset -> int8 (cap, head_dim): what ST_KT wrote
+        self.kv = np.zeros(pl["kv_bytes"] if functional else 0, dtype=np.uint8)    # LD/ST space KV
         self.out = np.zeros(0, dtype=np.uint8)
         self.bufs = {}
-        self.ch_bpc = params.hbm_channel_bytes_per_cycle
+        eff = self.timing.hbm_efficiency
+        self.ch_bpc = params.hbm_channel_bytes_per_cycle * eff         # sustained bytes/cycle/channel
+        self.ldst_bpc = self.ch_bpc * params.kv_channels               # LD/ST spaces: interleaved
+        self.fifo_cycles = params.stream_fifo_beats * params.hbm_port_bits / 8 / self.ch_bpc
         self._progs = {}
 
     # -- host interface -------------------------------------------------------------
@@ -351,6 +388,17 @@ class Golden:
         return self.tables[off:off + n]
 
     # -- execution ---------------------------------------------------------------
+    def _res(self, names) -> tuple:
+        """Hazard resources: a whole-buffer access of a per-head buffer is every head's part."""
+        out = []
+        heads = self.kvl.kv_heads if self.kvl else 1
+        for r in names:
+            if isinstance(r, int) and r in PER_HEAD:
+                out.extend((r, g) for g in range(heads))
+            else:
+                out.append(r)
+        return tuple(out)
+
     def _prepare(self, prog):
         """The prepared form of ``prog`` for this machine (cached by identity)."""
         hit = self._progs.get(id(prog))
@@ -360,7 +408,9 @@ class Golden:
         for i, ins in enumerate(prog):
             ci = _CI(ins)
             if ci.kind == _K_OP:
-                ci.h, ci.reads, ci.writes = self._handler(i, ci)
+                h = self._handler(i, ci)
+                ci.h, ci.reads, ci.writes = h[0], self._res(h[1]), self._res(h[2])
+                ci.hreads = tuple(h[3]) if len(h) > 3 else ()
             out.append(ci)
         if len(self._progs) > 16:
             self._progs.clear()
@@ -374,85 +424,130 @@ class Golden:
         self.regs[0] = 0
         st = RunStats()
         self._stats = st
-        self._free = [0] * _NU
+        self._free = [0.0] * _NU            # when each unit can issue its next instruction
+        self._done = 0.0                    # when everything issued so far has completed
+        self._fetch_free = 0.0              # the weight streamers (MPE fetch phase)
+        self._hbm_free = 0.0                # the shared HBM channels
         self._fifo = [deque() for _ in range(_NU * _NU)]
-        nres = _NBUF + len(_PSEUDO)
-        self._wend, self._rend = [0] * nres, [0] * nres
-        self._busy = [0] * _NU
+        self._wend, self._wunit, self._rend = {}, {}, {}
+        self._busy = [0.0] * _NU
+        self._stream_busy = 0.0
         nop = max(o.value for o in Opcode) + 1
-        self._opc, self._opn = [0] * nop, [0] * nop
+        self._opc, self._opn = [0.0] * nop, [0] * nop
         self._prog = self._prepare(prog)
         try:
             ended = self._exec(0, len(prog), 0)
         finally:
             for u in range(_NU):
-                st.busy[_UNAMES[u]] += self._busy[u]
+                st.busy[_UNAMES[u]] += math.ceil(self._busy[u])
+            st.busy["STREAM"] = math.ceil(self._stream_busy)
             for o in Opcode:
                 if self._opn[o.value]:
-                    st.op_cycles[o.name] = self._opc[o.value]
+                    st.op_cycles[o.name] = math.ceil(self._opc[o.value])
                     st.op_count[o.name] = self._opn[o.value]
             st.instructions = sum(self._opn)
         if not ended:
             raise GoldenError("program ran past its last instruction without END")
-        st.cycles = max(self._free)
+        st.cycles = math.ceil(self._done)
         return st
 
     def _barrier(self, where):
-        free = self._free
-        free[:] = [max(free)] * _NU
+        t = self._done
+        self._free = [t] * _NU
+        self._fetch_free = self._hbm_free = t
         for idx, q in enumerate(self._fifo):
             if q:
                 a, b = divmod(idx, _NU)
                 raise DeadlockError(f"{where}: {len(q)} token(s) from {_UNAMES[a]} to {_UNAMES[b]} never "
                                     "consumed before a barrier (unbalanced wait/signal)")
 
+    def _issue(self, pc, ci):
+        """Schedule one instruction by the ISA's overlap rules (hw/isa.py) and run it."""
+        u = ci.unit
+        tm = self.timing
+        t_fetch = t_comp = 0.0
+        for qi, pu in ci.waits:
+            q = self._fifo[qi]
+            if not q:
+                raise DeadlockError(f"instruction {pc} ({ci.op.name}) waits for a token from "
+                                    f"{_UNAMES[pu]} that no earlier instruction signalled (deadlock)")
+            t = q.popleft()
+            if pu in _FETCH_UNITS:
+                t_fetch = max(t_fetch, t)
+            else:
+                t_comp = max(t_comp, t)
+        # the unit's own scoreboard: wait for an incomplete earlier instruction of this unit
+        # whose output this one reads (rule 1)
+        wend, wunit, rend = self._wend, self._wunit, self._rend
+        sb = 0.0
+        for r in ci.reads:
+            if wunit.get(r) == u and wend[r] > sb:
+                sb = wend[r]
+        r = ci.h()                              # issue cycles, or (issue, HBM) cycles
+        work, hbm = r if type(r) is tuple else (r, 0.0)
+        if u == _MPE:
+            fs = max(self._fetch_free, self._hbm_free, t_fetch, self._free[u] - self.fifo_cycles)
+            first = fs + tm.hbm_latency
+            cs = max(self._free[u], t_comp, sb, first)
+            ce = max(cs + work, first + hbm)
+            self._fetch_free = max(fs + hbm, ce - tm.hbm_latency - self.fifo_cycles)
+            self._hbm_free = fs + hbm
+            self._stream_busy += hbm
+            start, free, done = cs, ce, ce + tm.mpe_latency
+            hstart = fs
+        elif u == _SFU:
+            start = max(self._free[u], t_fetch, t_comp, sb)
+            free = start + work
+            done = free + tm.sfu_latency
+            hstart = start
+        else:                                   # LD / ST: a transfer on the shared channels
+            start = max(self._free[u], t_fetch, t_comp, sb)
+            hs = max(start, self._hbm_free)
+            self._hbm_free = hs + hbm
+            free = max(start + work, hs + hbm)
+            done = free + (tm.hbm_latency if u == _LD else tm.store_latency)
+            hstart = hs
+        if self.check_hazards:
+            for r in ci.reads:
+                w = wend.get(r, 0.0)
+                if w > start and wunit.get(r) != u:
+                    raise GoldenError(f"instruction {pc} ({ci.op.name}) reads {_rname(r)} at cycle {start:.0f} "
+                                      f"before its writer completes at {w:.0f} (missing dependency token)")
+            for r in ci.hreads:
+                w = wend.get(r, 0.0)
+                if w > hstart:
+                    raise GoldenError(f"instruction {pc} ({ci.op.name}) streams {_rname(r)} at cycle {hstart:.0f} "
+                                      f"before its writer completes at {w:.0f} (missing dependency token)")
+            for r in ci.writes:
+                if wunit.get(r) == u:
+                    continue                    # in-order unit: writes land in order
+                t = max(wend.get(r, 0.0), rend.get(r, 0.0))
+                if t > start:
+                    raise GoldenError(f"instruction {pc} ({ci.op.name}) writes {_rname(r)} at cycle {start:.0f} "
+                                      f"before earlier accesses complete at {t:.0f} (missing dependency token)")
+        for r in ci.reads + ci.hreads:
+            if rend.get(r, 0.0) < done:
+                rend[r] = done
+        for r in ci.writes:
+            wend[r] = done
+            wunit[r] = u
+        self._free[u] = free
+        if done > self._done:
+            self._done = done
+        for qi in ci.sigs:
+            self._fifo[qi].append(done)
+        self._busy[u] += work if u >= _MPE else free - start
+        self._opc[ci.opv] += free - start
+        self._opn[ci.opv] += 1
+
     def _exec(self, lo, hi, depth):
         prog, regs = self._prog, self.regs
-        free, fifo, busy, opc, opn = self._free, self._fifo, self._busy, self._opc, self._opn
-        wend, rend = self._wend, self._rend
-        hz = self.check_hazards
-        ceil = math.ceil
         pc = lo
         while pc < hi:
             ci = prog[pc]
             kind = ci.kind
             if kind == _K_OP:
-                u = ci.unit
-                start = free[u]
-                for qi, pu in ci.waits:
-                    q = fifo[qi]
-                    if not q:
-                        raise DeadlockError(f"instruction {pc} ({ci.op.name}) waits for a token from "
-                                            f"{_UNAMES[pu]} that no earlier instruction signalled (deadlock)")
-                    t = q.popleft()
-                    if t > start:
-                        start = t
-                cycles = ceil(ci.h())
-                if cycles < 1:
-                    cycles = 1
-                end = start + cycles
-                if hz:
-                    for r in ci.reads:
-                        if wend[r] > start:
-                            raise GoldenError(f"instruction {pc} ({ci.op.name}) reads {_rname(r)} at cycle {start} "
-                                              f"before its writer finishes at {wend[r]} (missing dependency token)")
-                    for w in ci.writes:
-                        t = wend[w] if wend[w] > rend[w] else rend[w]
-                        if t > start:
-                            raise GoldenError(f"instruction {pc} ({ci.op.name}) writes {_rname(w)} at cycle "
-                                              f"{start} before earlier accesses finish at {t} (missing "
-                                              "dependency token)")
-                    for r in ci.reads:
-                        if rend[r] < end:
-                            rend[r] = end
-                    for w in ci.writes:
-                        wend[w] = end
-                free[u] = end
-                for qi in ci.sigs:
-                    fifo[qi].append(end)
-                busy[u] += cycles
-                opc[ci.opv] += cycles
-                opn[ci.opv] += 1
+                self._issue(pc, ci)
             elif kind == _K_SETR:
                 rb, ra, mul, add, lim, rd = ci.setr
                 v = regs[rb] + regs[ra] * mul + add
@@ -481,6 +576,175 @@ class Golden:
             pc += 1
         return False
 
+    # -- attention ------------------------------------------------------------------
+    def _kv_check(self, i, ins, bits, head_dim, cap):
+        kv = self.kvl
+        if (bits, head_dim, cap) != (kv.fmt.bits, kv.head_dim, kv.cap):
+            raise GoldenError(f"instruction {i} ({ins.op.name}): KV fields (bits {bits}, head_dim {head_dim}, "
+                              f"cap {cap}) do not match the cache ({kv.fmt.name}, head_dim {kv.head_dim}, "
+                              f"cap {kv.cap})")
+
+    def _kv_values(self, off, kind):
+        """The int8 (cap, head_dim) values of the region at byte ``off`` (positions x elements)."""
+        v = self.kvm.get(off)
+        if v is None:
+            kv = self.kvl
+            rel = off - kv.base
+            layer, rem = divmod(rel, kv.layer_bytes)
+            hk = kv.kv_heads * kv.head_bytes(_KIND_K)
+            g = rem // kv.head_bytes(_KIND_K) if kind == _KIND_K else (rem - hk) // kv.head_bytes(1)
+            v = self.kvm[off] = kv.read(self.channels, layer, kind, g, kv.cap)
+        return v
+
+    def _st_kt(self, i, ins):
+        f, regs, kv = ins.f, self.regs, self.kvl
+        if kv is None:
+            raise GoldenError(f"instruction {i} (ST_KT): the plan has no KV cache")
+        src, rr, preg = f.get("src", 0), f.get("rows_reg", 0), f.get("pos_reg", 0)
+        kind, nkv, hd = f.get("kind", 0), f.get("kv_heads", 0), f.get("head_dim", 0)
+        self._kv_check(i, ins, f.get("bits", 0), hd, f.get("cap", 0))
+        if nkv != kv.kv_heads:
+            raise GoldenError(f"instruction {i} (ST_KT): kv_heads {nkv} != the cache's {kv.kv_heads}")
+        offs = [ALIGN * (f.get("kv_off", 0) + g * f.get("head_stride", 0)) for g in range(nkv)]
+        exp = [kv.head_offset(l, kind, 0) for l in range(kv.layers)]
+        if offs[0] not in exp or any(o != offs[0] + g * kv.head_bytes(kind) for g, o in enumerate(offs)):
+            raise GoldenError(f"instruction {i} (ST_KT): regions at {offs[0]} (stride {ALIGN * f.get('head_stride', 0)}) "
+                              f"are not a layer's {'V' if kind else 'K'} cache")
+        layer = exp.index(offs[0])
+        port = self.p.hbm_port_bits / 8
+        fn = self.functional
+
+        def h():
+            rows = regs[rr] if rr else 1
+            pos0 = regs[preg]
+            if pos0 < 0 or pos0 + rows > kv.cap:
+                raise GoldenError(f"instruction {i} (ST_KT): positions {pos0}..{pos0 + rows - 1} beyond the cache "
+                                  f"({kv.cap})")
+            if fn:
+                q, _, _ = self._i8(i, ins, src, rows)
+                vals = q[:, :nkv * hd].reshape(rows, nkv, hd)
+                beats = kv.write(self.channels, layer, kind, pos0, vals)
+                for g, off in enumerate(offs):
+                    m = self.kvm.get(off)
+                    if m is not None:
+                        m[pos0:pos0 + rows] = vals[:, g]
+            else:
+                beats = kv.write_beats(kind, pos0, rows)
+            self._stats.kv_bytes += rows * nkv * hd * kv.fmt.bits // 8
+            return 0, beats * port / self.ch_bpc
+        return h, (src,), tuple(("KVT", o) for o in offs)
+
+    def _attention(self, i, ins):
+        """QK, PV (MPE) and SOFTMAX (SFU) of one kv head (hw/isa.py AttnFmt, SoftFmt)."""
+        op, f, p, regs, bufs, kv = ins.opv, ins.f, self.p, self.regs, self.bufs, self.kvl
+        if kv is None:
+            raise GoldenError(f"instruction {i} ({ins.op.name}): the plan has no KV cache")
+        src, dst, aux, rr = f.get("src", 0), f.get("dst", 0), f.get("aux", 0), f.get("rows_reg", 0)
+        len_reg, len_add = f.get("len_reg", 0), f.get("len_add", 0)
+        g, rep, cap = f.get("kvh", 0), f.get("rep", 0), f.get("cap", 0)
+        sink, window = f.get("sink", 0), f.get("window", 0)
+        fn = self.functional
+        what = f"instruction {i} ({ins.op.name})"
+        if cap != kv.cap or rep <= 0 or g >= kv.kv_heads:
+            raise GoldenError(f"{what}: cap {cap}, kv head {g}, rep {rep} do not fit the cache "
+                              f"({kv.kv_heads} kv heads of {kv.cap} positions)")
+        h0 = g * rep
+        hd = kv.head_dim
+        macs, mm_tokens, lanes = p.macs, p.mm_tokens, p.sfu_lanes
+        R = p.chains
+        if op != _SOFTMAX:
+            self._kv_check(i, ins, f.get("bits", 0), f.get("head_dim", 0), cap)
+            kind = _KIND_K if op == _QK else 1
+            off = ALIGN * f.get("kv_off", 0)
+            if off != kv.head_offset((off - kv.base) // kv.layer_bytes, kind, g):
+                raise GoldenError(f"{what}: kv_off {off} is not kv head {g}'s {'K' if kind == _KIND_K else 'V'} "
+                                  "cache region")
+        rec_bytes = region_bytes(kv.fmt, (R, KV_GROUP), p)
+
+        def rows_and_mask():
+            rows = regs[rr] if rr else 1
+            valid = regs[len_reg] + len_add + np.arange(rows)
+            n = int(valid[-1]) if rows else 0
+            if rows <= 0 or valid[0] < 1 or n > cap:
+                raise GoldenError(f"{what}: rows {rows} attending up to {n} positions: outside 1..{cap}")
+            n32 = -(-n // KV_GROUP) * KV_GROUP
+            mask = sfu.attention_mask(valid, n32, sink, window)
+            return rows, valid, n, n32, mask
+
+        if op == _SOFTMAX:
+            c = f.get("scale", 0.0)
+
+            def h():
+                rows, valid, n, n32, mask = rows_and_mask()
+                used = int(mask.any(axis=0).reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
+                if fn:
+                    S = self._scores(src, rows, self.plan["heads"], create=False, i=i, ins=ins)
+                    vs = self._f32(i, ins, aux, n)
+                    vcol = np.zeros(n32, F32)
+                    vcol[:n] = vs[:n, g]
+                    q, sc, u = sfu.softmax_probs(S[:, h0:h0 + rep, :n32], mask, vcol, c, lanes)
+                    P = bufs.get(dst)
+                    H = self.plan["heads"]
+                    if not (isinstance(P, tuple) and len(P) == 3 and P[0].ndim == 3 and P[0].shape[0] >= rows):
+                        P = bufs[dst] = (np.zeros((rows, H, cap), np.int8), np.zeros((rows, H), F32),
+                                         np.zeros((rows, H, cap // KV_GROUP), np.uint8))
+                    P[0][:rows, h0:h0 + rep, :n32] = q
+                    P[1][:rows, h0:h0 + rep] = sc
+                    P[2][:rows, h0:h0 + rep, :n32 // KV_GROUP] = u
+                return 3 * rows * rep * used / lanes
+            return h, ((src, g), aux), ((dst, g),)
+
+        if op == _QK:
+            def h():
+                rows, valid, n, n32, mask = rows_and_mask()
+                att = mask.any(axis=0)
+                tiles = np.unique(np.nonzero(att)[0] // R)
+                recs = tiles.size * (hd // KV_GROUP)
+                t2 = rows * rep
+                if fn:
+                    q, qs, _ = self._i8(i, ins, src, rows)
+                    K = self._kv_values(off, _KIND_K)[:n].astype(F32)             # (n, hd)
+                    qh = q.reshape(rows, -1, hd)[:, h0:h0 + rep].astype(F32)      # (T, rep, hd)
+                    acc = qh @ K.T                                                 # exact (< 2**24)
+                    ks = self._f32(i, ins, aux, n)[:n, g]
+                    S = self._scores(dst, rows, self.plan["heads"])
+                    S[:, h0:h0 + rep, :n] = sfu.qk_scores(acc, qs[:, h0:h0 + rep], ks)
+                passes = -(-t2 // mm_tokens)
+                nbytes = recs * rec_bytes
+                self._stats.kv_bytes += passes * nbytes * p.weight_channels
+                return t2 * tiles.size * R * hd / macs, passes * nbytes / self.ch_bpc
+            return h, (src, aux), ((dst, g),), (("KVT", off),)
+
+        def h():                                                            # PV
+            rows, valid, n, n32, mask = rows_and_mask()
+            att = mask.any(axis=0)
+            groups = np.unique(np.nonzero(att)[0] // KV_GROUP)
+            row_tiles = -(-hd // R)
+            t2 = rows * rep
+            if fn:
+                P = bufs.get(src)
+                if not (isinstance(P, tuple) and P[0].ndim == 3 and P[0].shape[0] >= rows):
+                    raise GoldenError(f"{what}: buffer {Buf(src).name} holds no probabilities (SOFTMAX first)")
+                pq = P[0][:rows, h0:h0 + rep, :n32].astype(F32).reshape(t2, n32 // KV_GROUP, KV_GROUP)
+                u = P[2][:rows, h0:h0 + rep, :n32 // KV_GROUP].astype(np.float64).reshape(t2, -1)
+                V = np.zeros((n32, hd), F32)
+                V[:n] = self._kv_values(off, 1)[:n]
+                Vg = V.reshape(n32 // KV_GROUP, KV_GROUP, hd)
+                ps = np.einsum("tgk,gkd->tgd", pq, Vg).astype(np.float64)        # exact group sums
+                acc = np.einsum("tgd,tg->td", ps, u)                              # exact (< 2**53)
+                out = sfu.mpe_to_float(acc, P[1][:rows, h0:h0 + rep].reshape(t2), 0)
+                A = bufs.get(dst)
+                H = self.plan["heads"]
+                if not (isinstance(A, np.ndarray) and A.shape == (rows, H * hd)):
+                    A = bufs[dst] = np.zeros((rows, H * hd), F32)
+                A[:, h0 * hd:(h0 + rep) * hd] = out.reshape(rows, rep * hd)
+            recs = row_tiles * groups.size
+            passes = -(-t2 // mm_tokens)
+            nbytes = recs * rec_bytes
+            self._stats.kv_bytes += passes * nbytes * p.weight_channels
+            return t2 * row_tiles * R * groups.size * KV_GROUP / macs, passes * nbytes / self.ch_bpc
+        return h, ((src, g),), ((dst, g),), (("KVT", off),)
+
     # -- operations: a handler () -> cycles per instruction, with its reads and writes --
     def _handler(self, i, ins):
         op, f, p, regs = ins.opv, ins.f, self.p, self.regs
@@ -492,7 +756,7 @@ class Golden:
             mv = op == _MV
             src, dst = f.get("src", 0), f.get("dst", 0)
             n, k = f.get("n_out", 0), f.get("k_in", 0)
-            acc_bits, mm_tokens, macs, hbm = p.acc_bits, p.mm_tokens, p.macs, p.hbm_weight_bytes_per_cycle
+            acc_bits, mm_tokens, macs, ch_bpc = p.acc_bits, p.mm_tokens, p.macs, self.ch_bpc
             cell = []
 
             def h():
@@ -519,7 +783,7 @@ class Golden:
                     bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
-                return max(rows * kept / macs, passes * w.nbytes / hbm)
+                return rows * kept / macs, passes * align(w.region) / ch_bpc
             return h, (src,), (dst,)
         if op == _EMBED:
             n, k = f.get("n_out", 0), f.get("k_in", 0)
@@ -546,13 +810,13 @@ class Golden:
                 # a row's values lie in one record per group (the records of its channel)
                 row_bytes = w.region // (-(-n // p.chains))
                 self._stats.weight_bytes += rows * row_bytes
-                return rows * row_bytes / ch_bpc
+                return 0, rows * row_bytes / ch_bpc
             return h, (_TOK,), (dst,)
         if op == _LD_KV or op == _ST_KV or op == _ST_OUT:
             rb, addr0, preg, pmul = f.get("row_bytes", 0), f.get("addr", 0), f.get("preg", 0), f.get("pmul", 0)
             space, buf = f.get("space", 0), f.get("buf", 0)
             rows0 = f.get("rows", 0)
-            bpc = self.ch_bpc * p.kv_channels
+            bpc = self.ldst_bpc
             if op == _ST_OUT:
                 def h():
                     rows = regs[rr] if rr else rows0
@@ -574,9 +838,9 @@ class Golden:
                             self.out = grown
                         self.out[addr:addr + nbytes] = np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1)
                     self._stats.out_bytes += nbytes
-                    return nbytes / bpc
+                    return 0, nbytes / bpc
                 return h, (buf,), (_OUTR,)
-            kv_bytes, kv_heads = self.plan["kv_bytes"], self.plan["kv_heads"]
+            kv_bytes = self.plan["kv_bytes"]
 
             def common():
                 rows = regs[rr] if rr else rows0
@@ -586,70 +850,31 @@ class Golden:
                     raise GoldenError(f"instruction {i} ({ins.op.name}): space must be KV")
                 if addr + nbytes > kv_bytes:
                     raise GoldenError(f"instruction {i} ({ins.op.name}): KV address {addr}+{nbytes} beyond the KV "
-                                      f"region of {kv_bytes} bytes")
+                                      f"scale region of {kv_bytes} bytes")
                 self._stats.kv_bytes += nbytes
                 return rows, addr, nbytes
             if op == _ST_KV:
                 def h():
                     rows, addr, nbytes = common()
                     if fn:
-                        q, s, _ = self._i8(i, ins, buf, rows)
-                        if q.shape[1] + 4 * s.shape[1] != rb:
-                            raise GoldenError(f"instruction {i} (ST_KV): row_bytes {rb} does not match buffer "
-                                              f"{Buf(buf).name} ({q.shape[1]} values + {s.shape[1]} scales)")
-                        dst = self.kv[addr:addr + nbytes].reshape(rows, rb)
-                        dst[:, :q.shape[1]] = q.view(np.uint8)
-                        dst[:, q.shape[1]:] = np.ascontiguousarray(s, dtype="<f4").view(np.uint8)
-                    return nbytes / bpc
-                return h, (buf,), (_KVR,)
+                        _, sc, _ = self._i8(i, ins, buf, rows)
+                        if 4 * sc.shape[1] != rb:
+                            raise GoldenError(f"instruction {i} (ST_KV): row_bytes {rb} is not the {sc.shape[1]} "
+                                              f"float32 scales of a row of buffer {Buf(buf).name}")
+                        self.kv[addr:addr + nbytes] = np.ascontiguousarray(sc, dtype="<f4").view(np.uint8).reshape(-1)
+                    return 0, nbytes / bpc
+                return h, (buf,), (("KVS", addr0),)
 
             def h():
                 rows, addr, nbytes = common()
                 if fn:
-                    vals = rb - 4 * kv_heads
-                    raw = self.kv[addr:addr + nbytes].reshape(rows, rb)
-                    bufs[buf] = (raw[:, :vals].copy().view(np.int8), raw[:, vals:].copy().view("<f4"), None)
-                return nbytes / bpc
-            return h, (_KVR,), (buf,)
-        if op == _QK or op == _PV:
-            hh, kvh, hd, tile = f.get("heads", 0), f.get("kv_heads", 0), f.get("head_dim", 0), f.get("tile", 0)
-            preg, pmul = f.get("preg", 0), f.get("pmul", 0)
-            src, kvb, dst = f.get("src", 0), f.get("kv", 0), f.get("dst", 0)
-            macs = p.macs
-            if op == _QK:
-                scale = f.get("scale", 0.0)
-
-                def h():
-                    rows = regs[rr] if rr else 1
-                    if fn:
-                        off = regs[preg] * pmul
-                        q, qs, _ = self._i8(i, ins, src, rows)
-                        k, ks, _ = self._i8(i, ins, kvb, tile)
-                        sc = sfu.qk_scores(q.reshape(rows, hh, hd), qs, k.reshape(tile, kvh, hd), ks, scale)
-                        S = self._scores(dst, rows, hh)
-                        if off + tile > S.shape[2]:
-                            raise GoldenError(f"instruction {i} (QK): tile at {off} beyond the score buffer "
-                                              f"({S.shape[2]})")
-                        S[:, :, off:off + tile] = sc
-                    return rows * hh * tile * hd / macs
-                return h, (src, kvb), (dst,)
-            len_reg, len_add = f.get("len_reg", 0), f.get("len_add", 0)
-
-            def h():
-                rows = regs[rr] if rr else 1
-                off = regs[preg] * pmul
-                first = regs[len_reg] + len_add - off            # valid positions of row 0 in this tile
-                if fn:
-                    S = self._scores(src, rows, hh, create=False, i=i, ins=ins)
-                    v, vs, _ = self._i8(i, ins, kvb, tile)
-                    a = self._f32(i, ins, dst, rows, hh * hd)
-                    valid = first + np.arange(rows)
-                    out = sfu.pv_accumulate(a.reshape(rows, hh, hd), S[:, :, off:off + tile],
-                                            v.reshape(tile, kvh, hd), vs, valid)
-                    bufs[dst] = out.reshape(rows, hh * hd)
-                used = sum(min(max(first + t, 0), tile) for t in range(rows))
-                return used * hh * hd / lanes
-            return h, (src, kvb, dst), (dst,)
+                    bufs[buf] = self.kv[addr:addr + nbytes].copy().view("<f4").reshape(rows, rb // 4)
+                return 0, nbytes / bpc
+            return h, (("KVS", addr0),), (buf,)
+        if op == _ST_KT:
+            return self._st_kt(i, ins)
+        if op == _QK or op == _PV or op == _SOFTMAX:
+            return self._attention(i, ins)
         # --- SFU element-wise / reductions
         n = f.get("n", 0)
         src, dst, src2 = f.get("src", 0), f.get("dst", 0), f.get("src2", 0)
@@ -714,22 +939,6 @@ class Golden:
                     bufs[dst] = y.reshape(rows, n)
                 return rows * n / lanes
             return h, (src, _TAB), (dst,)
-        if op == _SOFTMAX:
-            stride, aux, aux_add = f.get("imm", 0), f.get("aux_reg", 0), f.get("aux", 0)
-
-            def h():
-                rows = regs[rr] if rr else 1
-                v0 = regs[aux] + aux_add
-                vmax = max(v0 + rows - 1, 0) if rows > 0 else 0
-                if fn:
-                    valid = v0 + np.arange(rows)
-                    S = self._scores(src, rows, n, create=False, i=i, ins=ins)
-                    if vmax > S.shape[2] or (stride and vmax > stride):
-                        raise GoldenError(f"instruction {i} (SOFTMAX): length {vmax} beyond the score buffer")
-                    S[:, :, :vmax] = sfu.softmax_rows(S[:, :, :vmax], np.broadcast_to(valid[:, None], (rows, n)),
-                                                      lanes)
-                return 3 * n * (rows * v0 + rows * (rows - 1) // 2) / lanes
-            return h, (src,), (dst,)
         if op == _ADD or op == _SILU_MUL:
             kern = np.add if op == _ADD else sfu.silu_mul
 

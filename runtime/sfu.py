@@ -59,10 +59,26 @@ MPE result to float: ``float32(acc) * float32(ldexp(A, -shift))`` where the int6
 ``softmax`` over the first ``n`` entries of a row (the rest become 0):
 ``m = max``, ``e = exp(s - m)``, ``d = lane_sum(e)``, ``p = e / d``.
 
-Attention ``qk``: int8 q (one scale per head) . int8 k (one scale per position and kv
-head) summed exactly as int32, then ``((float32(acc) * q_scale) * k_scale) * c`` with
-``c = float32(1/sqrt(head_dim))``. ``pv``: ``a = a + p * (float32(v) * v_scale)``,
-sequentially in position order, the accumulator starting at +0.0.
+Attention (one kv head ``g`` and its query heads ``h``; the integer products run on
+the matrix engine, :mod:`flightllm.runtime.arith`):
+
+* ``qk_scores``: ``acc = sum_d q[t,h,d] * k[p,d]`` (int8 x int8, exact), then
+  ``s = (float32(acc) * q_scale[t,h]) * k_scale[p,g]`` (two float32 products).
+* ``softmax_probs`` over row ``t``'s attended positions (``attention_mask``)::
+
+      m = max s;  z = (s - m) * c   (c = float32(1/sqrt(head_dim)));  e = exp(z)   (0 if masked)
+      d = lane_sum(e)               (over positions 0 .. n-1, n a multiple of 32)
+      w = e * v_scale[p, g]         (the value scale folded into the probability)
+      q, A, u = requantize_groups(w, 32);   scale = A / d
+
+  so ``p * v_scale ~ q * u * scale``: the normaliser and the value scale cost nothing
+  per output, and the probabilities are quantized per group of 32 positions.
+* ``pv``: ``acc = sum_g u[g] * sum_{p in g} q[t,h,p] * v[p,d]`` (exact), output
+  ``float32(acc) * scale[t,h]``.
+
+``attention_mask``: row ``t`` attends positions ``p < valid[t]``; with block-sparse
+attention (``window > 0``, blocks of :data:`KV_BLOCK` positions) only the blocks
+``b < sink`` and ``b > block(valid[t] - 1) - window``.
 
 Embedding gather: ``float32(q) * float32(ldexp(scale, -shift))`` (exact: 8 x 16 bits).
 """
@@ -75,7 +91,10 @@ from ..compiler.reference import apply_rope
 from ..hw.params import ACT_MAX, FACTOR_MAX
 
 __all__ = ["F32", "lane_sum", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
-           "softmax_rows", "qk_scores", "pv_accumulate", "argmax", "dequantize"]
+           "softmax_rows", "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
+           "argmax", "dequantize"]
+
+KV_BLOCK = 64       #: positions per block of block-sparse attention
 
 F32 = np.float32
 _LOG2E = F32(1.4426950408889634)
@@ -253,46 +272,45 @@ def softmax_rows(s: np.ndarray, valid: np.ndarray, lanes: int) -> np.ndarray:
         return np.where(mask, e / d[..., None], F32(0)).astype(F32)
 
 
-def qk_scores(q: np.ndarray, qs: np.ndarray, k: np.ndarray, ks: np.ndarray, c: float) -> np.ndarray:
-    """q int8 (T, H, D), qs (T, H); k int8 (P, KVH, D), ks (P, KVH) -> (T, H, P) float32."""
-    t, h, d = q.shape
-    p, kvh, _ = k.shape
-    rep = h // kvh
-    # int8 x int8 sums over D <= 1024 stay below 2**24: exact in float32 whatever the order
-    acc = np.matmul(q.astype(F32).reshape(t, kvh, rep, d).transpose(1, 0, 2, 3).reshape(kvh, t * rep, d),
-                    k.astype(F32).transpose(1, 2, 0))                      # (KVH, T*rep, P)
-    acc = acc.reshape(kvh, t, rep, p).transpose(1, 0, 2, 3).reshape(t, h, p)
-    ksh = np.repeat(ks.T, rep, axis=0)                                      # (H, P)
-    return ((acc * qs[..., None].astype(F32)) * ksh[None].astype(F32)) * F32(c)
+def score_scale(head_dim: int) -> float:
+    """``c = float32(1 / sqrt(head_dim))``: SOFTMAX's score scale (its instruction field)."""
+    return float(np.float32(1.0 / np.sqrt(float(head_dim))))
 
 
-def pv_accumulate(a: np.ndarray, p: np.ndarray, v: np.ndarray, vs: np.ndarray, valid=None) -> np.ndarray:
-    """a (T, H, D) += sum over positions (in order) of p (T, H, P) * dequant(v (P, KVH, D)).
+def qk_scores(acc: np.ndarray, qs: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """int ``acc`` (T, rep, P) of one kv head, query scales ``qs`` (T, rep), key scales
+    ``ks`` (P,) -> float32 scores (T, rep, P)."""
+    return (np.asarray(acc).astype(F32) * np.asarray(qs, F32)[..., None]) * np.asarray(ks, F32)
 
-    ``valid`` (T,): row t only adds positions ``< valid[t]``; each skipped position
-    adds +0.0 instead (which changes nothing but a -0.0 sum into +0.0).
-    """
-    t, h, d = a.shape
-    P = p.shape[-1]
-    kvh = v.shape[1]
-    rep = h // kvh
-    if valid is None:
-        valid = np.full(t, P)
-    valid = np.clip(np.asarray(valid), 0, P)
-    nv = int(valid.max(initial=0))            # positions nobody adds are +0.0 for every row
-    vd = v[:nv].astype(F32) * vs[:nv, :, None].astype(F32)                  # (nv, KVH, D)
-    pp = p[..., :nv].reshape(t, kvh, rep, nv).transpose(3, 0, 1, 2)[..., None].astype(F32)
-    prods = (pp * vd[:, None, :, None, :]).reshape(nv, t, h, d)             # (nv, T, H, D)
-    if nv and valid.min() < nv:
-        keep = np.arange(nv)[:, None] < valid[None, :]                     # (nv, T)
-        prods = np.where(keep[:, :, None, None], prods, F32(0))
-    out = np.array(a, dtype=F32)
-    for i in range(nv):                                                    # in position order
-        out += prods[i]
-    short = valid < P
-    if short.any():
-        out = np.where(short[:, None, None], out + F32(0), out)
-    return out
+
+def attention_mask(valid: np.ndarray, n: int, sink: int = 0, window: int = 0) -> np.ndarray:
+    """bool (T, n): row ``t`` attends position ``p`` (module docstring)."""
+    valid = np.asarray(valid, np.int64)
+    p = np.arange(n)
+    m = p[None, :] < valid[:, None]
+    if window:
+        blk = p // KV_BLOCK
+        own = (valid - 1) // KV_BLOCK
+        m &= (blk[None, :] < sink) | (blk[None, :] > own[:, None] - window)
+    return m
+
+
+def softmax_probs(s: np.ndarray, mask: np.ndarray, vs: np.ndarray, c: float, lanes: int):
+    """Scores ``s`` (T, rep, n) float32, ``mask`` (T, n), value scales ``vs`` (n,), score
+    scale ``c`` -> ``(q int8 (T, rep, n), scale float32 (T, rep), u (T, rep, n // 32))``."""
+    s = np.asarray(s, F32)
+    t, rep, n = s.shape
+    mk = np.broadcast_to(np.asarray(mask, bool)[:, None, :], s.shape)
+    m = np.where(mk, s, F32(-np.inf)).max(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.where(mk, (s - m) * F32(c), F32(0))
+        e = np.where(mk, exp(z), F32(0))
+    d = lane_sum(e, lanes)
+    w = e * np.asarray(vs, F32)
+    q, a, u = requantize_groups(w.reshape(t * rep, n), 32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = (a / d.reshape(-1)).astype(F32)
+    return q.reshape(t, rep, n), scale.reshape(t, rep), u.reshape(t, rep, n // 32)
 
 
 def argmax(x: np.ndarray) -> np.ndarray:

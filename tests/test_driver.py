@@ -55,7 +55,7 @@ def test_chat_with_piped_stdin(art, capsys, monkeypatch):
 def test_disasm(art, capsys):
     assert main(["disasm", str(art), "--program", "decode"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("; program decode:") and "LOOP" in out and "QK" in out and "END" in out
+    assert out.startswith("; program decode:") and "QK" in out and "PV" in out and "SOFTMAX" in out and "END" in out
 
 
 def test_perplexity_golden_path(art, tmp_path, capsys):

@@ -171,34 +171,51 @@ def test_sfu_ops_against_numpy():
     assert np.array_equal(q.reshape(3, 3, 32), np.clip(np.rint(xs * (F32(127) / am)[..., None]), -127, 127))
     q0, s0 = sfu.requantize(np.zeros((1, 8), F32))
     assert not q0.any() and s0[0, 0] == 0
-    # softmax: masked entries 0, the rest sums to ~1
+    # softmax (the reference kernel): masked entries 0, the rest sums to ~1
     sc = rng.standard_normal((2, 4, 40)).astype(F32)
     valid = np.array([[5] * 4, [40] * 4])
     pr = sfu.softmax_rows(sc, valid, 8)
     assert not pr[0, :, 5:].any()
     ref = np.exp(sc[1] - sc[1].max(-1, keepdims=True))
     np.testing.assert_allclose(pr[1], ref / ref.sum(-1, keepdims=True), rtol=1e-6)
-    # attention kernels against plain loops
-    qi = rng.integers(-127, 128, (2, 4, 16)).astype(np.int8)
-    qs = rng.uniform(0.01, 0.1, (2, 4)).astype(F32)
-    ki = rng.integers(-127, 128, (5, 2, 16)).astype(np.int8)
-    ks = rng.uniform(0.01, 0.1, (5, 2)).astype(F32)
-    c = F32(0.25)
-    got = sfu.qk_scores(qi, qs, ki, ks, c)
-    for t in range(2):
-        for h in range(4):
-            for p in range(5):
-                acc = int(np.dot(qi[t, h].astype(np.int64), ki[p, h // 2].astype(np.int64)))
-                assert got[t, h, p] == ((F32(acc) * qs[t, h]) * ks[p, h // 2]) * c
-    a0 = rng.standard_normal((2, 4, 16)).astype(F32)
-    pr = rng.uniform(0, 1, (2, 4, 5)).astype(F32)
-    out = sfu.pv_accumulate(a0, pr, ki, ks, valid=np.array([3, 5]))
-    for t, val in ((0, 3), (1, 5)):
-        acc = a0[t].copy()
-        for p in range(val):
-            vd = ki[p].astype(F32) * ks[p][:, None]
-            acc = acc + pr[t, :, p][:, None] * np.repeat(vd, 2, axis=0)
-        np.testing.assert_array_equal(out[t], acc)
+
+
+def test_attention_kernels_against_plain_loops():
+    """qk_scores, attention_mask and softmax_probs against element-by-element loops of the spec."""
+    rng = np.random.default_rng(5)
+    acc = rng.integers(-2 ** 20, 2 ** 20, (2, 3, 64))
+    qs = rng.uniform(0.01, 0.1, (2, 3)).astype(F32)
+    ks = rng.uniform(0.01, 0.1, 64).astype(F32)
+    got = sfu.qk_scores(acc, qs, ks)
+    for t, r, p in np.ndindex(acc.shape):
+        assert got[t, r, p] == (F32(acc[t, r, p]) * qs[t, r]) * ks[p]
+    # the block-sparse mask: sink blocks, the window up to the row's own block
+    m = sfu.attention_mask(np.array([1, 200, 300]), 320, sink=1, window=2)
+    for t, v in enumerate((1, 200, 300)):
+        for p in range(320):
+            b, own = p // sfu.KV_BLOCK, (v - 1) // sfu.KV_BLOCK
+            assert m[t, p] == (p < v and (b < 1 or b > own - 2)), (t, p)
+    assert sfu.attention_mask(np.array([7]), 64).sum() == 7
+    # softmax_probs: q * u * scale ~ softmax(s * c) * vs, exactly as specified
+    s = (rng.standard_normal((2, 3, 64)) * 4).astype(F32)
+    mask = sfu.attention_mask(np.array([40, 41]), 64)
+    vs = rng.uniform(0.001, 0.05, 64).astype(F32)
+    c = sfu.score_scale(64)
+    q, scale, u = sfu.softmax_probs(s, mask, vs, c, 8)
+    for t, r in np.ndindex(2, 3):
+        n = int(mask[t].sum())
+        m0 = max(s[t, r, :n])
+        e = [sfu.exp(np.array([(s[t, r, p] - m0) * F32(c)], F32))[0] for p in range(n)] + [F32(0)] * (64 - n)
+        d = sfu.lane_sum(np.array(e, F32)[None], 8)[0]
+        w = np.array([F32(e[p]) * vs[p] for p in range(64)], F32)
+        q1, a1, u1 = sfu.requantize_groups(w[None], 32)
+        assert np.array_equal(q[t, r], q1[0]) and np.array_equal(u[t, r], u1[0])
+        assert scale[t, r] == F32(a1[0] / d)
+        assert not q[t, r, n:].any()
+        ref = np.exp((s[t, r, :n].astype(np.float64) - m0) * c)
+        ref = ref / ref.sum() * vs[:n]
+        deq = q[t, r, :n] * np.repeat(u[t, r], 32)[:n] * float(scale[t, r])
+        assert np.abs(deq - ref).max() < ref.max() / 100
 
 
 # --------------------------------------------------------------------------- model
@@ -387,7 +404,8 @@ def test_buffer_bounds_are_checked():
                       context_length=128, rope_theta=1e4, rms_eps=1e-5, tied_embeddings=False)
     sim = get_preset("sim")
     sizes = check_buffers(shape_manifest(cfg, sim, "int8/32"))
-    assert sizes[Buf.S] == (sim.mm_tokens, 4 * 128) and sizes[Buf.KT] == (sim.kv_tile, 64)
+    assert sizes[Buf.S] == (sim.mm_tokens, 4 * 128) and sizes[Buf.PQ] == (sim.mm_tokens, 4 * 128)
+    assert sizes[Buf.KS] == (128, 2) and sizes[Buf.A] == (sim.mm_tokens, 4 * 32)
     small = dataclasses.replace(sim, act_buf_depth=256)
     with pytest.raises(ValueError, match=r"buffer S: 16 rows x 512 elements \(heads x max_seq scores\) per row "
                                          r"exceed act_buf_depth = 256"):

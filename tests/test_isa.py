@@ -104,10 +104,10 @@ def test_illegal_opcode_and_bad_images():
 
 def test_disasm_and_doc_table():
     prog = [Instr(Opcode.LOOP, dict(rd=isa.Reg.TILE, ra=isa.Reg.KVLEN, add=15, shr=4, body=1)),
-            Instr(Opcode.LD_KV, dict(buf=isa.Buf.KT, rows=16, signal=1 << isa.Unit.MPE.value)),
+            Instr(Opcode.LD_KV, dict(buf=isa.Buf.KS, rows=16, signal=1 << isa.Unit.MPE.value)),
             Instr(Opcode.END)]
     text = isa.disasm(prog)
-    assert "LOOP" in text and "signal=MPE" in text and "buf=KT" in text
+    assert "LOOP" in text and "signal=MPE" in text and "buf=KS" in text
     md = isa.markdown_table()
     for fmt in set(FORMATS.values()):
         assert fmt.__name__ in md
