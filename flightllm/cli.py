@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.cli import add_cli as add_runtime_cli   # [issue 3] generate, chat, disasm
 
     add_runtime_cli(sub)
+    from .runtime.perf import add_cli as add_perf_cli
+
+    add_perf_cli(sub)
     if importlib.util.find_spec("flightllm.hw.build") is not None:   # the RTL generator
         from .hw.build import add_cli
 
