@@ -11,7 +11,9 @@ number of words the streamer sends (``ceil((header_bits + records * record_bits)
 multiplier for it here); the tail of the last word after the last record is dropped. A
 two-level tensor (``intBk``) starts with its 64-bit header (binary16 ``D`` and ``Mn``):
 the unit reads it from the operation's first word and cuts the first record one granule
-further on.
+further on. A raw tensor (``intBr``, the KV cache: codes after the weight formats,
+:class:`~flightllm.hw.geometry.EngineGeometry`) has records of values alone; its beats
+carry scale 1 and min 0 on every chain (below).
 
 Pipeline (``G = W / 64`` granules of ``RECORD_ALIGN_BITS`` per word)::
 
@@ -40,7 +42,8 @@ Pipeline (``G = W / 64`` granules of ``RECORD_ALIGN_BITS`` per word)::
                |        at the lane's fixed offset ((b*Rc + i)*L + l) * bits (index bits
                |        likewise); per chain a mux over the scale (and min) offsets and
                |        binary16 -> fixed point (no two-level format), or the head
-               |        record's registered scales and mins
+               |        record's registered scales and mins (raw formats: held at
+               |        scale 1, min 0)
                v
            output register (one beat) --> beat   beat.ready only enables this register
                                                  and pops the record FIFO
@@ -71,6 +74,21 @@ Fixed point (the golden definition is :meth:`flightllm.hw.formats.QTensor.fixed`
 binary16 ``(s, E, frac)`` becomes ``sig << (max(E, 1) - e0)``, ``sig = frac | (E != 0) << 10``,
 negated if ``s``. The packer guarantees ``0 <= max(E, 1) - e0 <= 15`` for every nonzero
 value and a zero has ``sig = 0``, so only the low four bits of the shift matter.
+
+Raw formats (``intBr``): the records hold the values and nothing else (no scale or min
+fields, so a record is shorter than its scaled sibling's; it never sets a new maximum of
+the record register or the window). The values are laid out exactly as in the signed
+format of the same width (``int8r/32`` as ``int8/32``, ``int4r/32`` as ``int4/32``), so a
+raw format shares its lane mux case ``(bits, signed)`` with that format: no new lane
+input. The beat's scale is 1 and its min 0 on every chain (rows past N too: their values
+are 0): per operation a register ``raw`` holds the output scale register at 1 and
+``min_zero`` holds the min register at 0, through the registers' synchronous set / reset
+(reset over enable, as the weight bits a format zero-extends), whatever the binary16
+conversion (or, in two-level builds, the ``new_`` registers) computes from the
+record's bits. So ``e0`` means nothing for a raw operation and is ignored: the host
+sends ``E0_MAX`` (``QTensor.fixed`` gives raw tensors shift 0), any value gives the same
+beats. The cost is one register and the set / reset pins of the scale register; the
+scale path gains no LUT level.
 
 Two-level formats: when the operation's first word reaches ``S0`` the header's ``D`` and
 ``Mn`` become fixed point the same way (the packer keeps their ``max(E, 1) - e0`` in
@@ -144,9 +162,10 @@ class DequantUnit(wiring.Component):
     Attributes
     ----------
     cfg : In(stream.Signature(dequant_cfg_layout))
-        ``fmt`` (format code), ``e0``, ``records``, ``words``. Taken only when idle (the
-        previous operation's last beat has left). A code past the build's formats acts
-        as code 0.
+        ``fmt`` (format code: :meth:`HwParams.engine_formats`, weight formats then KV
+        formats), ``e0`` (ignored for raw formats), ``records``, ``words``. Taken only
+        when idle (the previous operation's last beat has left). A code past the build's
+        formats acts as code 0.
     words : In(stream.Signature(hbm_port_bits))
         The channel's region (a two-level tensor's header, then the records),
         ``cfg.words`` words per operation. Words past the last record are taken and
@@ -216,7 +235,9 @@ class DequantUnit(wiring.Component):
         # index bit through (index bits, size of the value section), a chain's binary16
         # scale (min) through the scale (min) offset, a chain's 8-bit sub-scale and sub-min
         # (two-level formats) through the scale offset. One-hot selects of these, set per
-        # operation.
+        # operation. Raw formats have no scale or min field (none of their selects is set:
+        # the output registers are held at scale 1, min 0) and share a value kind with the
+        # signed format of their width.
         def vsec_of(f):
             return Rc * f.fmt.kept_per_group * f.bits
 
@@ -230,6 +251,8 @@ class DequantUnit(wiring.Component):
                 ikinds.setdefault((f.index_bits, vsec_of(f)), []).append(f)
             if f.fmt.two_level:
                 tkinds.setdefault(soff_of(f), []).append(f)
+                continue
+            if f.raw:
                 continue
             skinds.setdefault(soff_of(f), []).append(f)
             if f.has_min:
@@ -247,6 +270,7 @@ class DequantUnit(wiring.Component):
         wzero = Signal(8, name="w_zero")                # weight bits that are 0 (zero-extended)
         izero = Signal(g.index_bits, name="idx_zero")   # index bits that are 0 (dense: all)
         mzero = Signal(name="min_zero")                 # the format has no min
+        sone = Signal(name="raw")                       # raw format: every scale is 1
         rg = Signal(range(self.rec_granules + 1), name="rec_size")      # granules per record
         bpb_m1 = Signal(range(max(2, bpb_max)), name="bpb_m1")     # >= 1 bit: no zero-width wire
         e0 = Signal(5, name="e0")
@@ -476,16 +500,19 @@ class DequantUnit(wiring.Component):
         # One register per weight bit / index bit / field across all lanes: the bits some
         # formats zero-extend are cleared by a per-operation mask, which holds for the
         # whole operation, so it may clear them every cycle (reset over enable, as the
-        # FDRE has it) and leave the clock enable to o_load.
+        # FDRE has it) and leave the clock enable to o_load. Likewise a raw format holds
+        # the scale register at 1 per chain (bit 0 of each field on its FDSE's set, the
+        # others on their FDRE's reset) and the min register at 0.
         o_w = [Signal(Rc * L, name=f"out_w{k}", reset_less=True) for k in range(8)]
         o_i = [Signal(Rc * L, name=f"out_idx{k}", reset_less=True) for k in range(g.index_bits)]
         o_s = Signal(Rc * g.scale_w, name="out_scale", reset_less=True)
         o_m = Signal(Rc * g.scale_w, name="out_min", reset_less=True)
-        for reg, zero, val in ([(o_w[k], wzero[k], Cat(*wbit[k])) for k in range(8)]
-                               + [(o_i[k], izero[k], Cat(*ibit[k])) for k in range(g.index_bits)]
-                               + [(o_s, C(0, 1), Cat(*scl)), (o_m, mzero, Cat(*mns))]):
-            with m.If(zero):
-                m.d.sync += reg.eq(0)
+        one = C(sum(1 << (i * g.scale_w) for i in range(Rc)), Rc * g.scale_w)
+        for reg, force, fval, val in ([(o_w[k], wzero[k], 0, Cat(*wbit[k])) for k in range(8)]
+                                      + [(o_i[k], izero[k], 0, Cat(*ibit[k])) for k in range(g.index_bits)]
+                                      + [(o_s, sone, one, Cat(*scl)), (o_m, mzero, 0, Cat(*mns))]):
+            with m.If(force):
+                m.d.sync += reg.eq(fval)
             with m.Elif(o_load):
                 m.d.sync += reg.eq(val)
         bp = beat.payload
@@ -508,7 +535,7 @@ class DequantUnit(wiring.Component):
                          in_left.eq(c.words), in_more.eq(c.words != 0),
                          valid.eq(0), sk_valid.eq(0),
                          vsel.eq(0), isel.eq(0), ssel.eq(0), msel.eq(0), tsel.eq(0), tl.eq(0), tl_n.eq(1),
-                         wzero.eq(0), izero.eq(-1), mzero.eq(1)]
+                         wzero.eq(0), izero.eq(-1), mzero.eq(1), sone.eq(0)]
             if two:
                 m.d.sync += hdr_pend.eq(0)
             with m.Switch(c.fmt):
@@ -529,6 +556,8 @@ class DequantUnit(wiring.Component):
                         if f.fmt.two_level:
                             m.d.sync += [tsel[tk.index(soff_of(f))].eq(1), tl.eq(1), tl_n.eq(0),
                                          hdr_pend.eq(1)]
+                        elif f.raw:                          # no fields: scale 1, min 0
+                            m.d.sync += sone.eq(1)
                         else:
                             m.d.sync += ssel[sk.index(soff_of(f))].eq(1)
                             if f.has_min:

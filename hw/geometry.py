@@ -3,8 +3,18 @@
 The dequant units, the sparse DSP chains and the MPE all size themselves from one
 :class:`EngineGeometry`, derived from :class:`~flightllm.hw.params.HwParams`. It also
 owns the *format code*: the small integer an operation's config carries to choose, at
-run time, one of the build's weight formats (``HwParams.weight_formats``, in that
-order). The packed layout itself is :mod:`flightllm.hw.formats`.
+run time, one of the formats the build decodes (:meth:`HwParams.engine_formats`): the
+weight formats (``HwParams.weight_formats``, codes ``0 ..``) and then the KV cache's raw
+formats (``HwParams.kv_formats``, the next codes), each list in its own order. The
+packed layout itself is :mod:`flightllm.hw.formats`.
+
+Raw formats (``int8r/32``, ``int4r/32``: ``fmt.raw``, instruction kind 3) are how the
+attention operations run on the engine: QK is an MM with one kv head's K cache as the
+"weight" (rows = positions, K = head_dim) and the queries of the heads sharing it as the
+tokens (factors ``u = 1``); PV an MV/MM with the transposed V cache (rows = head_dim,
+K = positions) and the quantized attention probabilities as activations. Their records
+are the values alone (no scale, no min): the dequant units give every chain the
+fixed-point scale 1 and min 0, so ``acc`` is the exact integer dot product (times ``u``).
 
 Terms (``L = chain_len``, ``Rc = chains / weight_channels``)
 ------------------------------------------------------------
@@ -76,6 +86,11 @@ class FormatInfo:
     def has_min(self):
         return self.fmt.has_min
 
+    @property
+    def raw(self):
+        """No scale and no min in the records: the beat's scale is 1, its min 0."""
+        return self.fmt.raw
+
 
 class EngineGeometry:
     """Sizes and run-time codes of one MPE build.
@@ -114,7 +129,7 @@ class EngineGeometry:
         need(p.act_bits == 8, "act_bits == 8")
 
         infos = []
-        for code, fmt in enumerate(p.formats()):
+        for code, fmt in enumerate(p.engine_formats()):      # weight formats, then KV formats
             if not fmt.dense:
                 need(self.L % fmt.n_keep == 0, f"chain_len ({self.L}) a multiple of n_keep for {fmt.name}")
                 need(fmt.m % fmt.n_keep == 0, f"n_keep to divide m for {fmt.name}")
@@ -156,15 +171,26 @@ class EngineGeometry:
             if f.fmt == wf:
                 return f
         raise ValueError(f"format {wf.name} is not supported by preset {self.params.name!r} "
-                         f"(weight_formats {', '.join(self.params.weight_formats)})")
+                         f"(weight_formats {', '.join(self.params.weight_formats)}; "
+                         f"kv_formats {', '.join(self.params.kv_formats) or 'none'})")
 
     def code(self, wf: WeightFormat) -> int:
         """Format code to put in the operation config."""
         return self.info(wf).code
 
-    def weight_formats(self):
-        """Every supported format as a :class:`WeightFormat`."""
+    def engine_formats(self):
+        """Every format the build decodes as a :class:`WeightFormat`, in code order: the
+        weight formats, then the KV formats (:meth:`HwParams.engine_formats`)."""
         return [f.fmt for f in self.formats]
+
+    def weight_formats(self):
+        """The build's weight formats (``HwParams.weight_formats``: codes ``0 ..``)."""
+        return [f.fmt for f in self.formats if not f.raw]
+
+    def kv_formats(self):
+        """The build's raw KV-cache formats (``HwParams.kv_formats``: the codes after the
+        weight formats)."""
+        return [f.fmt for f in self.formats if f.raw]
 
     def stream_words(self, wf: WeightFormat, n_rows: int, n_in: int) -> int:
         """Words of ``hbm_port_bits`` one channel streams for an operation (the last one partly used)."""
@@ -180,7 +206,8 @@ def beat_layout(geom: EngineGeometry) -> data.ArrayLayout:
     """One beat of a dequant unit for its ``Rc`` chains: per chain ``L`` INT8-widened
     weights (sign- or zero-extended by format), their window indices, and the group's
     fixed-point scale and min (:func:`flightllm.hw.formats.to_fixed`; the same on every
-    beat of a group, min 0 for formats without one)."""
+    beat of a group, min 0 for formats without one; raw formats: scale 1 and min 0 on
+    every chain, rows past N included)."""
     chain = data.StructLayout({
         "w": data.ArrayLayout(signed(geom.params.act_bits), geom.L),
         "idx": data.ArrayLayout(unsigned(geom.index_bits), geom.L),
@@ -193,7 +220,9 @@ def beat_layout(geom: EngineGeometry) -> data.ArrayLayout:
 def dequant_cfg_layout(geom: EngineGeometry) -> data.StructLayout:
     """Per-operation config of a dequant unit: format code, ``e0`` of the tensor's scales
     (``25 - shift``: a binary16 with exponent field E becomes ``sig << (E - e0)``), the
-    records to emit and the words of the stream (both computed on the host)."""
+    records to emit and the words of the stream (both computed on the host). A raw
+    format has no scales: its ``e0`` is a don't-care (the host sends ``E0_MAX``, shift 0;
+    the unit ignores it)."""
     return data.StructLayout({"fmt": unsigned(geom.fmt_bits), "e0": unsigned(5),
                               "records": unsigned(32), "words": unsigned(32)})
 

@@ -23,7 +23,16 @@ and the ``records`` and ``words`` every channel streams. For every row tile (row
 ``j // C``), every quant group and every beat of it, the engine takes one beat from
 every dequant unit and holds it for T cycles, one per token (weight-stationary: the
 weights stream once whatever T is). ``out`` carries one beat of R accumulators per
-(tile, token), tile-major; rows past N carry 0 (the packer zeroes their scales).
+(tile, token), tile-major; rows past N carry 0 (the packer zeroes their scales, and
+their values).
+
+Attention uses the same operations over the raw KV formats (format codes after the
+weight formats, :class:`~flightllm.hw.geometry.EngineGeometry`): their dequant beats
+carry scale 1 and min 0, so ``acc = sum_g u[g] * psum[g]`` exactly. QK is an MM with one
+kv head's K cache as the weight (N = positions, K = head_dim) and the queries of the
+heads sharing it as the T tokens, every factor 1; PV an MV/MM with the transposed V
+cache (N = head_dim, K = positions, groups of 32 positions) and the requantized
+attention probabilities (INT8 in [0, 127], a factor per group) as the activations.
 
 Activation buffer: ``act_buf_depth`` INT8 elements as words of ``L`` elements, each word
 with the unsigned factor ``u`` of its quant group (:func:`act_layout`; the writer repeats
@@ -110,7 +119,8 @@ def mpe_config(geom: EngineGeometry, wf: WeightFormat, n_rows: int, n_in: int,
         Activation-buffer word of token 0's vector (a multiple of the bank count).
     shift : int
         The packed tensor's scale shift (:attr:`PackedTensor.shift`); the dequant units
-        get ``e0 = E0_MAX - shift``.
+        get ``e0 = E0_MAX - shift``. Raw (KV) formats have no scales: shift 0 (their
+        ``e0`` is ignored by the dequant units).
 
     Every count (row tiles, quant groups, activation stride, records and stream words
     per channel) is computed here, so the RTL holds no multiplier for them.
@@ -146,6 +156,8 @@ def mpe_config(geom: EngineGeometry, wf: WeightFormat, n_rows: int, n_in: int,
         bad(f"activations end at word {act_base + tokens * stride}, past the buffer's {geom.act_words} words")
     if not 0 <= shift <= E0_MAX:
         bad(f"shift must be in 0..{E0_MAX} (e0 = {E0_MAX} - shift), got {shift}")
+    if wf.raw and shift:
+        bad(f"a raw format has no scales: shift must be 0, got {shift}")
     tiles, groups = ceil_div(n_rows, geom.R), n_in // g
     fields = dict(fmt=code, e0=E0_MAX - shift, tokens=tokens, act_base=act_base, tiles=tiles,
                   groups=groups, stride=stride, records=record_count(wf, (n_rows, n_in), geom.R),

@@ -5,8 +5,15 @@ A case is one MV (T = 1) or MM operation. Its weights are a :class:`~flightllm.h
 (:func:`formats.pack_tensor`) into per-channel record streams; the expected accumulators
 come from :func:`flightllm.runtime.arith.mpe_reference` on the tensor unpacked back from
 those channel bytes (:func:`formats.unpack_tensor`, :func:`formats.to_fixed` with the
-packed tensor's shift), never from the RTL's own formulas. Cases are saved together in one
-``.npz`` that the cocotb testbench (:mod:`flightllm.sim.mpe_tb`) reads.
+packed tensor's shift; for a raw format S = 1 and no M, by definition), never from the
+RTL's own formulas. Cases are saved together in one ``.npz`` that the cocotb testbench
+(:mod:`flightllm.sim.mpe_tb`) reads.
+
+Attention runs on the same engine over the raw KV formats (``int8r/32``, ``int4r/32``):
+:func:`qk_case` (the K cache of one kv head as the weight, rows = positions, K =
+head_dim; the GQA group's queries as the tokens, every factor 1) and :func:`pv_case`
+(the transposed V cache, rows = head_dim, K = positions; the quantized attention
+probabilities, INT8 in [0, 127] with a factor per 32 positions, as the activations).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.mpe import mpe_config
 from flightllm.runtime.arith import ACT_MAX, mpe_reference
 
-__all__ = ["random_f16", "random_qtensor", "make_case", "save_cases", "smollm2_qtensor", "channel_words"]
+__all__ = ["random_f16", "random_qtensor", "make_case", "save_cases", "smollm2_qtensor", "channel_words",
+           "random_kv", "qk_case", "pv_case", "softmax_probs"]
 
 
 def random_f16(rng, shape, regime: str = "typical") -> np.ndarray:
@@ -47,7 +55,9 @@ def random_f16(rng, shape, regime: str = "typical") -> np.ndarray:
 def random_qtensor(wf: formats.WeightFormat, n: int, k: int, rng, regime: str = "typical") -> formats.QTensor:
     """Random values over the format's whole range, an exact N:M mask, random scales/mins
     (two-level formats: random 8-bit sub-scales and sub-mins, 0 and 255 included, under a
-    random tensor scale and min)."""
+    random tensor scale and min; raw formats: the values alone)."""
+    if wf.raw:
+        return random_kv(wf, n, k, rng)
     q = rng.integers(wf.qmin, wf.qmax + 1, (n, k))
     mask = None
     if not wf.dense:
@@ -98,19 +108,34 @@ def channel_words(data: bytes, width_bits: int) -> np.ndarray:
 
 
 def make_case(geom: EngineGeometry, qt: formats.QTensor, tokens: int, rng, act_base=None,
-              u_extremes: bool = True, name: str | None = None) -> dict:
-    """One operation of ``qt`` over ``tokens`` random activation vectors with random factors."""
+              u_extremes: bool = True, name: str | None = None, x=None, u=None) -> dict:
+    """One operation of ``qt`` over ``tokens`` activation vectors with their factors:
+    ``x`` (T, K) int8 and ``u`` (T, K // G) given, or random (``u_extremes``: the first
+    factor 0 and the last the largest)."""
     wf = qt.fmt
     n_rows, n_in = qt.shape
     g = wf.group_size
     pt = formats.pack_tensor(qt, geom.params)
     back = formats.unpack_tensor(pt)                     # the golden model sees what HBM holds
-    _, S, M = back.fixed(pt.shift)                       # formats.to_fixed at the packed shift
-    x = rng.integers(-ACT_MAX, ACT_MAX + 1, size=(tokens, n_in)).astype(np.int8)
+    if wf.raw:                                           # no scales in HBM: S = 1, no min
+        if pt.shift != 0:
+            raise AssertionError(f"{wf.name}: a raw tensor packed with shift {pt.shift}")
+        S, M = np.ones((n_rows, n_in // g), np.int64), None
+    else:
+        _, S, M = back.fixed(pt.shift)                   # formats.to_fixed at the packed shift
     umax = (1 << geom.factor_bits) - 1
-    u = rng.integers(0, umax + 1, size=(tokens, n_in // g))
-    if u_extremes and u.size >= 2:
-        u.flat[0], u.flat[-1] = 0, umax
+    if x is None:
+        x = rng.integers(-ACT_MAX, ACT_MAX + 1, size=(tokens, n_in)).astype(np.int8)
+    if u is None:
+        u = rng.integers(0, umax + 1, size=(tokens, n_in // g))
+        if u_extremes and u.size >= 2:
+            u.flat[0], u.flat[-1] = 0, umax
+    x, u = np.asarray(x), np.asarray(u)
+    if x.shape != (tokens, n_in) or u.shape != (tokens, n_in // g):
+        raise ValueError(f"activations {x.shape} / factors {u.shape} for T={tokens}, K={n_in}, G={g}")
+    if np.abs(x.astype(np.int64)).max(initial=0) > ACT_MAX or u.min(initial=0) < 0 or u.max(initial=0) > umax:
+        raise ValueError("activations outside [-127, 127] or factors outside the factor bits")
+    x = x.astype(np.int8)
     exp = mpe_reference(back.q, S, M, x, u, g, geom.acc_w)               # (T, N)
     tiles = -(-n_rows // geom.R)
     padded = np.zeros((tokens, tiles * geom.R), np.int64)
@@ -158,3 +183,64 @@ def save_cases(path: pathlib.Path, params, cases, stall: float, seed: int = 0) -
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
+
+
+# -- attention on the matrix engine (raw KV formats) ---------------------------------------
+
+def random_kv(wf: formats.WeightFormat, n: int, k: int, rng) -> formats.QTensor:
+    """A random raw KV-cache tensor: values over the format's whole range, both ends present."""
+    if not wf.raw:
+        raise ValueError(f"{wf.name} is not a raw (KV-cache) format")
+    q = rng.integers(wf.qmin, wf.qmax + 1, (n, k))
+    q.flat[0], q.flat[-1] = wf.qmin, wf.qmax
+    return formats.QTensor(wf, q.astype(np.int8), None)
+
+
+def qk_case(geom: EngineGeometry, wf: formats.WeightFormat, positions: int, head_dim: int, rep: int,
+            rng, act_base=None, name: str | None = None) -> dict:
+    """QK: one kv head's K cache (``positions`` x ``head_dim``, ``wf`` raw) times the ``rep``
+    queries of the heads that share it (INT8, +-127 included), every factor 1:
+    ``acc[t, pos] = sum_d K[pos, d] * q[t, d]``."""
+    qt = random_kv(wf, positions, head_dim, rng)
+    x = rng.integers(-ACT_MAX, ACT_MAX + 1, (rep, head_dim))
+    x.flat[0], x.flat[-1] = -ACT_MAX, ACT_MAX
+    u = np.ones((rep, head_dim // wf.group_size), np.int64)
+    return make_case(geom, qt, rep, rng, act_base=act_base, x=x, u=u,
+                     name=name or f"QK {wf.name} pos={positions} hd={head_dim} T={rep}")
+
+
+def softmax_probs(rng, tokens: int, positions: int, group: int):
+    """Attention probabilities of ``tokens`` query heads over ``positions`` as the engine
+    takes them: a softmax of random scores (some peaked, some flat), requantized per
+    group of ``group`` positions by :func:`flightllm.runtime.sfu.requantize_groups`
+    (INT8 in [0, 127], one 8-bit factor per group)."""
+    from flightllm.runtime.sfu import requantize_groups
+
+    s = rng.standard_normal((tokens, positions)).astype(np.float32) * rng.uniform(0.5, 6.0, (tokens, 1))
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    q, _, u = requantize_groups(p, group)
+    return q, u
+
+
+def pv_case(geom: EngineGeometry, wf: formats.WeightFormat, head_dim: int, positions: int, tokens: int,
+            rng, probs: str = "softmax", act_base=None, name: str | None = None) -> dict:
+    """PV: the transposed V cache of one kv head (``head_dim`` x ``positions``, ``wf`` raw)
+    times ``tokens`` probability vectors: ``probs="softmax"`` (:func:`softmax_probs`) or
+    ``"random"`` (uniform in [0, 127] and factors in [0, 255], both ends present)."""
+    qt = random_kv(wf, head_dim, positions, rng)
+    g = wf.group_size
+    if probs == "softmax":
+        x, u = softmax_probs(rng, tokens, positions, g)
+    elif probs == "random":
+        umax = (1 << geom.factor_bits) - 1
+        x = rng.integers(0, ACT_MAX + 1, (tokens, positions))
+        u = rng.integers(0, umax + 1, (tokens, positions // g))
+        x.flat[0], x.flat[-1] = 0, ACT_MAX
+        u.flat[0], u.flat[-1] = umax, 0
+    else:
+        raise ValueError(f"probs must be 'softmax' or 'random', not {probs!r}")
+    if x.min() < 0:
+        raise AssertionError("attention probabilities below 0")
+    return make_case(geom, qt, tokens, rng, act_base=act_base, x=x, u=u,
+                     name=name or f"PV {wf.name} hd={head_dim} pos={positions} T={tokens} ({probs})")

@@ -6,7 +6,8 @@ per channel, 8 lanes: 4-beat groups, the psum line), ``sim-mc`` (4 chains per ch
 16 lanes: 2-beat groups) and ``u280-2ch`` (the u280's own per-channel geometry, 2 of its
 channels: 32 lanes, one-beat groups, no psum line). Each test runs many operations back
 to back in one simulation, with random stalls on every stream. CI runs the ``rtl``
-tests; ``slow_rtl`` holds the larger sweeps.
+tests; ``slow_rtl`` holds the larger sweeps. ``test_attention`` runs the attention
+operations (QK, PV) over the raw KV formats (the KV cache as the weight).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.params import get_preset
 from flightllm.sim import rtl
-from flightllm.sim.cases import make_case, random_qtensor, save_cases, smollm2_qtensor
+from flightllm.sim.cases import make_case, pv_case, qk_case, random_qtensor, save_cases, smollm2_qtensor
 
 REGIMES = ("typical", "wide", "subnormal", "large")
 
@@ -58,6 +59,34 @@ def test_every_format(preset):
     geom = EngineGeometry(params)
     rng = np.random.default_rng(sum(map(ord, preset)))
     run_cases(params, "formats", every_format_cases(geom, rng, SHAPES), stall=0.3, seed=1)
+
+
+def attention_cases(geom, rng, head_dim=64, rep=3):
+    """Attention in the raw KV formats (scale 1, min 0): per format a QK (K cache of
+    ``3 * chains - 3`` positions x head_dim, the ``rep`` queries of a GQA group, u = 1),
+    a decode PV (V^T head_dim x 96 positions, T = 1, softmax probabilities requantized per
+    32 positions) and a prefill-style PV (160 positions, T = rep, uniform probabilities
+    and factors with 0 and the maximum); a weight MM in between brings scales back."""
+    cases = []
+    for i, wf in enumerate(geom.kv_formats()):
+        cases.append(qk_case(geom, wf, 3 * geom.R - 3, head_dim, rep, rng))
+        cases.append(pv_case(geom, wf, head_dim, 96, 1, rng, probs="softmax"))
+        cases.append(pv_case(geom, wf, head_dim, 160, rep, rng, probs="random"))
+        wm = geom.weight_formats()[(2 * i + 2) % len(geom.weight_formats())]
+        cases.append(make_case(geom, random_qtensor(wm, geom.R + 1, 2 * wm.group_size, rng), 2, rng))
+    return cases
+
+
+@pytest.mark.rtl
+@pytest.mark.parametrize("preset", ["sim", "sim-mc", "u280-2ch"])
+def test_attention(preset):
+    """Attention mode: QK and PV over int8r/32 and int4r/32, MV and MM, bit-exact against
+    mpe_reference with S = 1 and no M, random stalls on every stream."""
+    params = get_preset(preset)
+    geom = EngineGeometry(params)
+    assert {wf.name for wf in geom.kv_formats()} == {"int8r/32", "int4r/32"}
+    rng = np.random.default_rng(sum(map(ord, preset)) + 1)
+    run_cases(params, "attention", attention_cases(geom, rng), stall=0.3, seed=8)
 
 
 @pytest.mark.rtl

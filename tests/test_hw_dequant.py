@@ -7,10 +7,13 @@ positions inside their ``m``-window, and the group's scale and min as the fixed-
 integers of :meth:`formats.QTensor.fixed` (binary16 scales; for two-level formats the
 tensor's D and Mn times the 8-bit sub-scales and sub-mins). The values, masks and
 scales come from :func:`formats.unpack_tensor` of the packed bytes (checked against the
-packed QTensor), never from the bit offsets the RTL uses.
+packed QTensor), never from the bit offsets the RTL uses. Raw formats (``int8r/32``,
+``int4r/32``, the KV cache: no scale or min in the records) mean scale 1 and min 0 on
+every chain, rows past N included, whatever the operation's ``e0`` (random for them).
 
-Every preset is simulated with the two-level ``int4k/32`` added to its formats (the
-shipped presets have none, so their builds, without the two-level path, are run too).
+Every preset is simulated with the two-level ``int4k/32`` added to its formats (if a
+preset has none, its build without the two-level path is run too) and with its KV
+formats (``HwParams.kv_formats``: the format codes after the weight formats).
 """
 
 import dataclasses
@@ -105,6 +108,8 @@ def rand_qtensor(rng, wf, n, k, mode="wide"):
     (two-level: sub-scales and sub-mins over all of 0 .. 255, :func:`rand_heads`)."""
     q = rng.integers(wf.qmin, wf.qmax + 1, (n, k))
     q.flat[:2] = wf.qmin, wf.qmax
+    if wf.raw:                                           # the values alone
+        return formats.QTensor(wf, q.astype(np.int8), None)
     mask = None
     if not wf.dense:
         mask = formats.nm_mask(rng.random((n, k)), wf.n_keep, wf.m)
@@ -151,13 +156,18 @@ def expected_beats(geom, pt, c):
                         w = [0] * L
                         idx = [0] * L if wf.dense else [int(v) % wf.n_keep for v in e]
                         s = mi = 0
+                        if wf.raw:                              # a raw format's scale is 1 everywhere
+                            s = 1
                     beat.append((w, idx, s, mi))
                 beats.append(beat)
     return beats
 
 
-def make_op(geom, wf, n, k, c, rng, mode="wide"):
-    """One operation: (cfg fields, stream words, expected beats) for channel ``c``."""
+def make_op(geom, wf, n, k, c, rng, mode="wide", e0=None):
+    """One operation: (cfg fields, stream words, expected beats) for channel ``c``.
+
+    ``e0``: the config's, default ``E0_MAX - shift``; for a raw format (whose ``e0`` must
+    not matter) a random 5-bit value by default."""
     qt = rand_qtensor(rng, wf, n, k, mode)
     pt = formats.pack_tensor(qt, geom.params)
     back = formats.unpack_tensor(pt)                    # the unpacker returns what was packed
@@ -177,7 +187,9 @@ def make_op(geom, wf, n, k, c, rng, mode="wide"):
     # random bytes after the last record: the unit must drop the tail of the last word
     raw = region + rng.integers(0, 256, nw * nb - len(region)).astype(np.uint8).tobytes()
     words = [int.from_bytes(raw[j * nb:(j + 1) * nb], "little") for j in range(nw)]
-    cfg = dict(fmt=geom.code(wf), e0=formats.E0_MAX - pt.shift, records=pt.records, words=nw)
+    if e0 is None:
+        e0 = int(rng.integers(0, 32)) if wf.raw else formats.E0_MAX - pt.shift
+    cfg = dict(fmt=geom.code(wf), e0=e0, records=pt.records, words=nw)
     return cfg, words, expected_beats(geom, pt, c)
 
 
@@ -285,19 +297,32 @@ def shapes_for(geom, wf):
     return [(R + 3, 2 * G), (1, G), (2 * R - 1, 3 * G)]
 
 
+N_CODES = 8                 #: test_format's codes
+
+
 def test_formats_covered():
-    """test_format's codes 0..5 cover every format of the simulated presets, int4k/32 included."""
+    """test_format's codes cover every format of the simulated presets, int4k/32 and the
+    raw KV formats included; the KV formats take the codes after the weight formats."""
     for name in PRESETS:
-        fmts = EngineGeometry(k_params(name)).weight_formats()
-        assert 1 <= len(fmts) <= 6 and formats.WeightFormat.parse(K_FMT) in fmts
+        p = k_params(name)
+        g = EngineGeometry(p)
+        fmts = g.engine_formats()
+        assert 1 <= len(fmts) <= N_CODES and formats.WeightFormat.parse(K_FMT) in fmts
+        names = [f.name for f in fmts]
+        assert names == list(p.weight_formats) + list(p.kv_formats)
+        assert {"int8r/32", "int4r/32"} <= set(names)
+        assert [f.name for f in g.kv_formats()] == list(p.kv_formats)
+        assert [g.code(formats.WeightFormat.parse(f)) for f in p.kv_formats] == \
+            list(range(len(p.weight_formats), len(names)))
         assert unit(k_params(name)).two_level and not unit(plain_params(name)).two_level
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("code", range(6))
+@pytest.mark.parametrize("code", range(N_CODES))
 def test_format(preset, code):
-    """Every format of the preset (and int4k/32): ragged shapes, several operations,
-    random stalls, scales of every kind (wide span, subnormal, high exponents, zero)."""
+    """Every format of the preset (and int4k/32, and the raw KV formats): ragged shapes,
+    several operations, random stalls, scales of every kind (wide span, subnormal, high
+    exponents, zero; raw formats: none, and a random e0)."""
     p = k_params(preset)
     g = EngineGeometry(p)
     if code >= len(g.formats):
@@ -369,6 +394,35 @@ def test_two_level_headers(preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+def test_raw_between_scaled(preset):
+    """Raw (KV-cache) operations back to back with each other and between scaled formats
+    (the signed format of the same width, one with a min, the two-level one): the
+    scale register switches between 1 and the binary16 / two-level scales, the min
+    between 0 and the mins, whatever e0 the raw operation's config carries (0, 31 and
+    random ones). Ragged rows (past N: values 0, scale 1) and several groups."""
+    p = k_params(preset)
+    g = EngineGeometry(p)
+    raws = g.kv_formats()
+    assert raws and all(wf.raw for wf in raws)
+    scaled = [formats.WeightFormat.parse(n) for n in ("int8/32", "int4/32", "int4m/32", K_FMT)]
+    assert all(wf in g.engine_formats() for wf in scaled)
+    rng = np.random.default_rng(41)
+    rnd = random.Random(42)
+    ops = []
+    for i, e0 in enumerate((0, 31, None, None, 25, None)):
+        wr = raws[i % len(raws)]
+        n, kg = [(g.R - 1, 2), (2 * g.R + 1, 3), (1, 1)][i % 3]
+        ops.append(make_op(g, wr, n, kg * wr.group_size, c=i % g.C, rng=rng, e0=e0))
+        if i % 2:                                            # two raw operations in a row
+            continue
+        wf = rnd.choice(scaled)
+        ops.append(make_op(g, wf, g.R + 1, wf.group_size, c=(i + 1) % g.C, rng=rng,
+                           mode=["wide", "high", "sub"][i % 3]))
+    assert any(op[0]["e0"] != formats.E0_MAX for op in ops if op[0]["fmt"] >= len(p.weight_formats))
+    run_ops(p, ops, in_stall=0.3, out_stall=0.3, cfg_gap=0.2, seed=43)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_rate(preset):
     """No stalls: an operation takes max(records * bpb, words) cycles plus a small latency
     that does not grow with the operation (one beat a cycle, or one word a cycle when the
@@ -411,10 +465,10 @@ def test_rate_output_bound():
 @pytest.mark.parametrize("preset", ["sim", "u280-2ch"])
 def test_beyond_exact_counts(preset):
     """Past what the host normally sends: operations without records (a two-level one
-    with its header word), streams with more words past the last record than the window
-    and skid register hold (taken and dropped), and a format code past the build's set
-    (acts as code 0)."""
-    p = k_params(preset)
+    with its header word, a raw one), streams with more words past the last record than
+    the window and skid register hold (taken and dropped, raw records too), and a format
+    code past the build's set (acts as code 0; one KV format only, so that a code is free)."""
+    p = dataclasses.replace(k_params(preset), kv_formats=("int8r/32",))
     g = EngineGeometry(p)
     rng = np.random.default_rng(21)
     rnd = random.Random(22)
@@ -427,6 +481,10 @@ def test_beyond_exact_counts(preset):
     extra_k = (dict(cfg, words=cfg["words"] + len(junk)), ws + junk, bs)
     empty = (dict(fmt=1, e0=3, records=0, words=0), [], [])
     empty_k = (dict(fmt=g.code(wk), e0=20, records=0, words=1), [rnd.getrandbits(g.W)], [])
+    wr = formats.WeightFormat.parse("int8r/32")
+    empty_r = (dict(fmt=g.code(wr), e0=7, records=0, words=0), [], [])
+    cfg, ws, bs = make_op(g, wr, g.R + 1, 2 * wr.group_size, c=1, rng=rng)
+    extra_r = (dict(cfg, words=cfg["words"] + len(junk)), ws + junk, bs)
     bad_code = (1 << g.fmt_bits) - 1
     assert bad_code >= len(g.formats)
     cfg, ws, bs = make_op(g, f0, g.R - 1, f0.group_size, c=0, rng=rng)
@@ -434,7 +492,8 @@ def test_beyond_exact_counts(preset):
     ops = [make_op(g, f1, g.R + 1, 2 * f1.group_size, c=0, rng=rng), empty, extra, empty, unknown,
            empty_k, make_op(g, wk, 3, wk.group_size, c=1, rng=rng, mode="high"), extra_k, empty_k,
            make_op(g, wk, g.R, wk.group_size, c=1, rng=rng, mode="wide"),
-           make_op(g, f1, 3, f1.group_size, c=1, rng=rng)]
+           make_op(g, f1, 3, f1.group_size, c=1, rng=rng), empty_r, extra_r, empty_r,
+           make_op(g, f0, g.R, f0.group_size, c=0, rng=rng)]
     run_ops(p, ops, seed=23)
 
 
@@ -460,29 +519,39 @@ def latency(params):
 def test_sizes():
     """The aligner reads whole words at granule offsets (G / step of them); the window
     holds the most words a record touches. int4k/32 (records of 9 granules on the u280,
-    after a one-granule header) changes none of the presets' sizes."""
+    after a one-granule header) and the raw KV formats (int8r/32: 16 granules, shorter
+    than int8/32's 17) change none of the presets' sizes."""
     for name in ("u280", "sim", "sim-mc", "u280-2ch"):
         assert sizes(k_params(name)) == sizes(get_preset(name))
+        assert sizes(dataclasses.replace(get_preset(name), kv_formats=())) == sizes(get_preset(name))
     assert sizes(get_preset("u280")) == (8, 1, 3, 17)
     assert sizes(get_preset("sim")) == (4, 1, 3, 9)
     assert sizes(get_preset("sim-mc")) == (4, 1, 5, 17)
-    assert sizes(ODD["even"]) == (8, 2, 2, 10)
-    # the header granule breaks the even step: 2 granules of 128-bit records, 1 of header
-    assert sizes(dataclasses.replace(ODD["even"], weight_formats=("int4m/32", K_FMT))) == (8, 1, 3, 10)
+    # 10-granule int4m/32 records alone: 2 words at 4 positions; int8r/32's 16 granules
+    # (even too) touch 3 words at an odd position of the step
+    assert sizes(dataclasses.replace(ODD["even"], kv_formats=())) == (8, 2, 2, 10)
+    assert sizes(ODD["even"]) == (8, 2, 3, 16)
+    # the header granule breaks the even step: 10-granule records, 1 of header
+    assert sizes(dataclasses.replace(ODD["even"], weight_formats=("int4m/32", K_FMT), kv_formats=())) == \
+        (8, 1, 3, 10)
     assert sizes(ODD["narrow"]) == (1, 1, 9, 9)
     assert sizes(ODD["two-level"]) == (4, 1, 3, 9)
 
 
 #: Builds off the presets' paths: every record a multiple of 2 granules (the aligner has
 #: half the positions), a 64-bit port (one granule a word: no aligner mux at all; the
-#: two-level header is a whole word), one chain per channel, and only two-level formats
-#: (no binary16 scales; two sub-scale offsets; unknown codes act as int4k/32).
+#: two-level header is a whole word), one chain per channel, only two-level weight formats
+#: (no binary16 scales; two sub-scale offsets; unknown codes act as int4k/32), only raw
+#: formats beside a two-level one, and no KV formats.
 ODD = {
     "even": dataclasses.replace(get_preset("u280-2ch"), name="even", weight_formats=("int4m/32",)),
     "narrow": dataclasses.replace(k_params("sim"), name="narrow", hbm_port_bits=64),
     "rc1": dataclasses.replace(k_params("sim"), name="rc1", weight_channels=4),
     "two-level": dataclasses.replace(get_preset("sim"), name="two-level",
                                      weight_formats=(K_FMT, "int3k/32", "int4k/64")),
+    "raw": dataclasses.replace(get_preset("u280-2ch"), name="raw", weight_formats=(K_FMT,),
+                               kv_formats=("int4r/32", "int8r/32")),
+    "no-kv": dataclasses.replace(get_preset("sim-mc"), name="no-kv", kv_formats=()),
 }
 
 

@@ -13,7 +13,7 @@ from flightllm.hw.formats import WeightFormat
 from flightllm.hw.geometry import EngineGeometry
 from flightllm.hw.mpe import MatrixEngine
 from flightllm.hw.params import get_preset
-from flightllm.sim.cases import make_case, random_qtensor
+from flightllm.sim.cases import make_case, pv_case, qk_case, random_qtensor
 
 PARAMS = get_preset("sim")
 GEOM = EngineGeometry(PARAMS)
@@ -142,3 +142,23 @@ def test_broadcast_stages():
             assert got == case["expected"].tolist(), (kw, case["name"])
     with pytest.raises(ValueError, match="bcast_fanout must be an int >= 2"):
         MatrixEngine(PARAMS, bcast_fanout=1)
+
+
+def test_attention_raw_formats():
+    """Attention on the engine over the raw KV formats (scale 1, min 0): QK (the K cache
+    as the weight, rows = positions, K = head_dim 64, 3 queries of a GQA group, u = 1) and
+    PV (V^T, rows = head_dim, K = positions, softmax probabilities requantized per 32
+    positions, and uniform ones), between weight operations with scales and mins (the
+    scale must come back), stalls on every stream."""
+    rng = np.random.default_rng(12)
+    kv = GEOM.kv_formats()
+    assert [f.name for f in kv] == ["int8r/32", "int4r/32"]
+    m4 = WeightFormat.parse("int4m/32")
+    cases = [qk_case(GEOM, kv[0], 3 * GEOM.R - 2, 64, 3, rng),
+             make_case(GEOM, random_qtensor(m4, GEOM.R + 1, 64, rng), 2, rng),
+             pv_case(GEOM, kv[1], 64, 96, 1, rng),
+             qk_case(GEOM, kv[1], 2 * GEOM.R + 1, 64, 3, rng),
+             pv_case(GEOM, kv[0], 64, 160, 3, rng, probs="random"),
+             make_case(GEOM, random_qtensor(m4, 3, 32, rng), 1, rng)]
+    for case, (got, _) in zip(cases, simulate(cases, stall=0.3, seed=5)):
+        assert got == case["expected"].tolist(), case["name"]

@@ -16,11 +16,13 @@ INT4 = WeightFormat.parse("int4/32")
 
 @pytest.mark.parametrize("preset", ["sim", "sim-mc", "u280-2ch"])
 def test_counts_match_the_packed_streams(preset):
-    """records / words / tiles / groups / stride of every format against the bytes
-    formats.pack_tensor actually writes and the words the testbench streams."""
+    """records / words / tiles / groups / stride of every format (the raw KV formats
+    included) against the bytes formats.pack_tensor actually writes and the words the
+    testbench streams."""
     geom = EngineGeometry(get_preset(preset))
     rng = np.random.default_rng(0)
-    for wf in geom.weight_formats():
+    assert any(wf.raw for wf in geom.engine_formats())
+    for wf in geom.engine_formats():
         for n, groups in ((1, 1), (geom.R + 1, 3), (3 * geom.R, 2)):
             k = groups * wf.group_size
             qt = random_qtensor(wf, n, k, rng)
@@ -32,7 +34,8 @@ def test_counts_match_the_packed_streams(preset):
                 assert len(data) * 8 == wf.header_bits + c["records"] * pt.record_bits, (wf.name, n, k, ch)
             assert (c["tiles"] - 1) * geom.R < n <= c["tiles"] * geom.R
             assert c["groups"] * wf.group_size == k
-            assert c["fmt"] == geom.weight_formats().index(wf)
+            assert c["fmt"] == geom.engine_formats().index(wf)
+            assert c["e0"] == E0_MAX - pt.shift and (pt.shift == 0 or not wf.raw)
 
 
 def test_stride_separates_tokens():
@@ -87,6 +90,10 @@ def test_rejects_out_of_range(kw, msg):
 def test_rejects_unsupported_format_and_bad_fields():
     with pytest.raises(ValueError, match="int4-1:4/32 is not supported by preset 'sim'"):
         mpe_config(G, WeightFormat.parse("int4-1:4/32"), 8, 128)
+    with pytest.raises(ValueError, match=r"int2r/32 is not supported by preset 'sim' .*kv_formats int8r/32, int4r/32"):
+        mpe_config(G, WeightFormat.parse("int2r/32"), 8, 128)
+    with pytest.raises(ValueError, match="a raw format has no scales: shift must be 0, got 3"):
+        mpe_config(G, WeightFormat.parse("int8r/32"), 8, 128, shift=3)
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['n_rows'\]"):
         pack_fields(mpe_cfg_layout(G), {"n_rows": 3})
     with pytest.raises(ValueError, match="field tokens = 1024 does not fit 5 bits"):
