@@ -27,14 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flightllm.compiler.gguf_import import ModelConfig
 from flightllm.compiler.schedule import build_programs, shape_manifest, unroll, unrolled_counts
 from flightllm.hw.isa import WORD_BYTES, encode_program
 from flightllm.hw.params import get_preset
+from flightllm.runtime.perf import LLAMA2_7B
 
-LLAMA2_7B = ModelConfig(name="LLaMA2-7B (shape only)", n_layers=32, hidden=4096, ffn=11008, n_heads=32,
-                        n_kv_heads=32, vocab=32000, context_length=4096, rope_theta=10000.0,
-                        rms_eps=1e-5, tied_embeddings=False)
 MAX_LEN = 4096
 SAMPLES = (1, 16, 64, 256, 1024)
 

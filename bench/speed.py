@@ -26,9 +26,7 @@ import numpy as np
 from flightllm.compiler.schedule import build_programs, check_buffers, plan_from_manifest, shape_manifest
 from flightllm.hw.params import get_preset
 from flightllm.runtime.golden import Golden
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from instructions import LLAMA2_7B  # noqa: E402
+from flightllm.runtime.perf import LLAMA2_7B
 
 PROMPT = "The capital of France is"
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "

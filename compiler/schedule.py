@@ -25,36 +25,38 @@ input must share that group size (:class:`ScheduleError` otherwise).
 The body keeps every activation on chip; only weights, the KV cache and the logits
 cross HBM. Per layer (``X`` is the residual stream)::
 
-    RMSNORM X->H; QUANTG H->HQ; MV q,k,v HQ->Q,K,V; ROPE Q,K (positions CPOS+t)
-    QUANT K->KQ, V->VQ per kv head; ST_KV KQ,VQ -> KV cache rows CPOS..; QUANT Q->QQ per head
-    LOOP TILE < ceil(KVLEN / kv_tile): LD_KV K tile -> KT; QK QQ,KT -> S[.., TILE*kv_tile]
-    SOFTMAX S (row t: positions < CPOS + 1 + t); FILL A = 0
-    LOOP TILE: LD_KV V tile -> KT; PV S,KT -> A += ...
+    RMSNORM X->H; QUANTG H->HQ; MV k,v,q HQ->K,V,Q   (k and v first: their stores overlap q)
+    ROPE K; QUANT K->KQ, V->VQ per kv head; ST_KT KQ,VQ -> KV cache rows CPOS..;
+    ST_KV their scales; LD_KV the scales of positions < KVLEN -> KS, VS
+    ROPE Q; QUANT Q->QQ per head
+    per kv head g, software-pipelined (QK of head g + ATTN_LAG before PV of head g):
+        QK g: QQ x K cache -> S;  SOFTMAX g: S, VS -> PQ;  PV g: PQ x V cache -> A
     QUANTG A->HQ; MV o -> Y; ADD X += Y
     RMSNORM X->H; QUANTG; MV gate->G, up->U; SILU_MUL G,U->G; QUANTG G->HQ; MV down->Y; ADD X += Y
 
 then ``RMSNORM (output_norm); QUANTG; MV token_embd -> LOG; ST_OUT LOG -> OUT row OUTROW;
-ARGMAX LOG -> R[ARGMAX]``. The trip count of the KV loops comes from the runtime
-register ``KVLEN``, so attention cost follows the real length (length-adaptive).
+ARGMAX LOG -> R[ARGMAX]``. QK, SOFTMAX and PV read the attended length from the
+runtime registers (row ``t`` attends positions ``< CPOS + 1 + t``), so attention cost
+follows the real length (length-adaptive) without loops.
 
 Dependency tokens are assigned automatically per straight-line region (loops and
 their back edges are barriers, see :mod:`flightllm.hw.isa`): an instruction waits
 for the latest earlier instruction of another unit it depends on (read after
 write, write after read/write of an on-chip buffer or an HBM region) unless an
-earlier wait already covers it; that instruction signals it.
+earlier wait already covers it; that instruction signals it. The per-head parts of
+the attention buffers (:data:`flightllm.hw.isa.PER_HEAD`) are separate resources.
 
-HBM layout of the KV cache (space ``KV``): row ``((2*layer + kind) * max_seq + pos)``
-of ``row_bytes = kv_dim + 4*n_kv_heads`` bytes, kind 0 = K, 1 = V; a row is the
-int8 values (kv head major) followed by one little-endian float32 scale per kv head.
-Output space ``OUT``: logits row r at byte ``r * vocab * 4`` (float32).
+The KV cache (:class:`Plan`, :mod:`flightllm.hw.kvcache`): values in the weight
+channels after the weights, scales in space ``KV``. Output space ``OUT``: logits row
+r at byte ``r * vocab * 4`` (float32).
 
 On-chip buffers: every buffer region the programs write is checked against the
 hardware (:func:`check_buffers`, sizes read from the instructions by
 :func:`buffer_sizes`): a buffer holds ``rows x width`` elements (``rows`` =
-``mm_tokens`` in prefill, 1 in decode, ``kv_tile`` for the KV tile; the score buffer
-``heads x max_seq`` per row) and every row must fit ``params.act_buf_depth``
-elements. A buffer that does not fit is a :class:`ScheduleError` naming the buffer
-and both sizes.
+``mm_tokens`` in prefill, 1 in decode, ``max_seq`` for the KV scales; the score and
+probability buffers ``heads x max_seq`` per row) and every row must fit
+``params.act_buf_depth`` elements. A buffer that does not fit is a
+:class:`ScheduleError` naming the buffer and both sizes.
 """
 
 from __future__ import annotations
@@ -66,14 +68,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..hw.formats import ALIGN, WeightFormat, align, region_bytes
-from ..hw.isa import (NO_LIMIT, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
+from ..hw.isa import (NO_LIMIT, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
                       encode_program)
 from ..hw.kvcache import KV_GROUP, K, V, KvLayout
 from ..hw.params import HwParams
 from ..runtime.sfu import score_scale
 from .gguf_import import LINEARS, ModelConfig
 
-__all__ = ["ScheduleError", "Plan", "plan_from_manifest", "KV_FORMATS", "PER_HEAD", "build_programs", "rope_table",
+__all__ = ["ScheduleError", "Plan", "plan_from_manifest", "KV_FORMATS", "build_programs", "rope_table",
            "manifest_preview", "shape_manifest", "unrolled_counts", "unroll", "PROGRAM_FILES",
            "add_programs", "buffer_sizes", "check_buffers"]
 
@@ -194,11 +196,6 @@ class _Loop:
     add: int
     shr: int
     body: list = field(default_factory=list)
-
-
-#: buffers attention uses one kv head at a time: ops on a head's part (``(buf, g)``)
-#: are independent of other heads' parts; a whole-buffer access touches every part
-PER_HEAD = (Buf.S, Buf.PQ, Buf.A)
 
 
 class _Builder:

@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from amaranth import signed, unsigned
 from amaranth.lib import data, enum
 
-__all__ = ["WORD_BITS", "WORD_BYTES", "LOOP_DEPTH", "Opcode", "Unit", "Reg", "Buf", "Space",
+__all__ = ["WORD_BITS", "WORD_BYTES", "LOOP_DEPTH", "Opcode", "Unit", "Reg", "Buf", "PER_HEAD", "Space",
            "Header", "FORMATS", "UNIT_OF", "Instr", "IsaError", "encode", "decode",
            "encode_program", "decode_program", "encode_slow", "decode_slow", "disasm",
            "markdown_table", "f32_bits", "bits_f32", "FLOAT_FIELDS", "NO_LIMIT"]
@@ -176,6 +176,12 @@ class Buf(enum.Enum, shape=5):
     LOG = 15       #: float32 logits (rows x vocab)
     VS = 16        #: float32 value scales (max_seq rows x kv_heads), loaded by LD_KV
     PQ = 17        #: int8 probabilities (rows x heads x max_seq), a scale per (row, head), a factor per 32
+
+
+#: Buffers attention uses one kv head at a time (QK writes S, SOFTMAX writes PQ, PV writes A,
+#: each only its kv head's part): the head parts are independent of each other; a
+#: whole-buffer access touches every part.
+PER_HEAD = (Buf.S, Buf.PQ, Buf.A)
 
 
 class Space(enum.Enum, shape=2):
@@ -603,10 +609,10 @@ engine), SFU (special functions), SYS (dispatcher: LOOP, SETR, END, NOP).
 | CHUNK, TILE | LOOP | loop indices |
 
 `LOOP idx, count_reg, add, shr, body` runs the next `body` instructions
-`max(0, R[count_reg] + add) >> shr` times: the KV-tile loops take their trip
-count from KVLEN (`(KVLEN + kv_tile - 1) >> log2 kv_tile`), the prefill chunk
-loop from LEN, so one decode program and one prefill program serve every
-position and prompt length. `SETR rd, rb, ra, mul, add, lim` computes
+`max(0, R[count_reg] + add) >> shr` times: the prefill chunk loop takes its trip
+count from LEN; attention (QK, SOFTMAX, PV) and the KV scale loads read the attended
+length from CPOS and KVLEN, so one decode program (no loops) and one prefill program
+serve every position and prompt length. `SETR rd, rb, ra, mul, add, lim` computes
 `R[rd] = min(R[rb] + R[ra] * mul + add, lim)`. Address and row fields read
 registers at issue: `rows_reg`, `pos_reg`, `aux_reg`, `len_reg`, and the
 patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
@@ -633,11 +639,15 @@ patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
   [-87, 88]); SiLU is `g / (1 + exp(-g))`, rsqrt is `1 / sqrt`.
 * **RoPE** on adjacent pairs (2i, 2i+1) with cos/sin tables computed by the compiler
   in float64 and stored as float32 (`tables.bin`, table `rope`).
-* **KV cache**: INT8 in HBM with one float32 scale per (position, kv head), written
-  by QUANT (per head) + ST_KV. Scores: int8 q (per-head scale) . int8 K, exact
-  int32, then `((float32(acc) * q_scale) * k_scale) * float32(1/sqrt(head_dim))`;
-  softmax in the float32 SFU; P.V in the SFU in float32 with V dequantized
-  (`v_int8 * v_scale`) and summed in position order.
+* **KV cache** (`hw/kvcache.py`): INT8 (or INT4) values per (position, kv head) in
+  raw packed tensors in the weight channels (V transposed), one float32 scale each in
+  space KV, written by QUANT (per head), ST_KT and ST_KV. Attention runs one kv head
+  at a time on the MPE: scores `(float32(q . k) * q_scale) * k_scale` (exact int32
+  products); SOFTMAX `e = exp((s - max) * float32(1/sqrt(head_dim)))` and
+  requantizes `e * v_scale` like QUANTG in groups of 32 positions, with the
+  normaliser folded into the row scale; PV is exact integer `P . V` times that scale
+  (`runtime/sfu.py`). INT8 probabilities cost +0.57% perplexity on SmolLM2 over the
+  float32 P.V they replace (`docs/golden_quality.md`).
 * **Embedding**: the tied `token_embd.weight` row gathered from the weight channels by
   token id (token buffer at the position) and dequantized as
   `float32(q * S + M) * 2**-shift` (the integer rounded once: GGUF's own float32
@@ -649,12 +659,8 @@ operators), and fixing the summation order makes the float part reproducible
 without any tolerance. What they cost is measured as perplexity against the float
 reference (`bench/golden_quality.py`, `flightllm perplexity`).
 
-Known performance consequence (see `docs/speed.md`): P.V on the SFU costs
-`heads * head_dim * positions / sfu_lanes` cycles per layer and dominates decode at
-long contexts on the u280 preset. Moving it to the MPE (P requantized to INT8 per
-head, exact int32 products against INT8 V, one scale multiply per head) would keep
-the model exact and implementable and cut that term by `macs / sfu_lanes` (128x);
-it changes the numerics, so it is left for a measured follow-up.
+Performance (see `docs/speed.md`, `flightllm perf`): attention streams the KV cache
+through the weight streamers at HBM speed, so decode follows the bytes a token reads.
 
 ## Formats
 

@@ -110,20 +110,32 @@ class KvLayout:
         return (self.base + layer * self.layer_bytes + (self.kv_heads * self.head_bytes(K) if kind else 0)
                 + g * self.head_bytes(kind))
 
-    def stream(self, kind: int, length: int) -> tuple:
-        """``(records, bytes)`` one channel streams for one head attending ``length`` positions.
+    def locate(self, off: int) -> tuple:
+        """``(layer, kind, g)`` of the region starting at byte ``off`` (inverse of
+        :meth:`head_offset`); ``ValueError`` if no region starts there."""
+        layer, rem = divmod(off - self.base, self.layer_bytes)
+        kb = self.kv_heads * self.head_bytes(K)
+        kind = K if rem < kb else V
+        g, r = divmod(rem - (kb if kind else 0), self.head_bytes(kind))
+        if not 0 <= layer < self.layers or r:
+            raise ValueError(f"KV cache: no head region starts at byte {off}")
+        return layer, kind, g
 
-        K: the first ``ceil(length / chains)`` row tiles, ``head_dim / 32`` records each;
-        V: every row tile's first ``ceil(length / 32)`` records (strided by ``cap / 32``)."""
+    def stream(self, kind: int, attended) -> tuple:
+        """``(records, bytes)`` one channel streams for one head: ``attended`` is the number
+        of positions attended (``0 .. n-1``) or a bool mask of them (block-sparse).
+
+        K: the row tiles (``chains`` positions) holding an attended position, ``head_dim /
+        32`` records each; V: of every row tile, the groups of 32 positions holding one
+        (strided by ``cap / 32``)."""
         p = self.params
-        rb = region_bytes(self.fmt, (p.chains, KV_GROUP), p)        # one record, in bytes
-        if length <= 0:
-            return 0, 0
+        att = np.asarray(attended)
+        pos = np.nonzero(att)[0] if att.dtype == bool else np.arange(int(att))
         if kind == K:
-            recs = -(-length // p.chains) * (self.head_dim // KV_GROUP)
+            recs = np.unique(pos // p.chains).size * (self.head_dim // KV_GROUP)
         else:
-            recs = -(-self.head_dim // p.chains) * -(-length // KV_GROUP)
-        return recs, recs * rb
+            recs = -(-self.head_dim // p.chains) * np.unique(pos // KV_GROUP).size
+        return recs, recs * region_bytes(self.fmt, (p.chains, KV_GROUP), p)
 
     # -- scales -------------------------------------------------------------------
     @property
@@ -158,7 +170,7 @@ class KvLayout:
         lo, hi = self.fmt.qmin, self.fmt.qmax
         if v.size and (v.min() < lo or v.max() > hi):
             raise ValueError(f"KV write: a value lies outside [{lo}, {hi}] of {self.fmt.name}")
-        ch, bit = self._where(kind, pos0 + np.arange(t)[:, None], np.arange(self.head_dim)[None, :])
+        ch, bit = self._positions(kind, pos0, t)
         for g in range(self.kv_heads):
             off = 8 * self.head_offset(layer, kind, g)
             for c in np.unique(ch):
@@ -174,16 +186,20 @@ class KvLayout:
                     val = (v[:, g][m].astype(np.int64) & int(mask)).astype(np.uint8)
                     np.bitwise_and.at(img, byte, ~(mask << sh))      # .at: two nibbles may share a byte
                     np.bitwise_or.at(img, byte, val << sh)
-        return self.write_beats(kind, pos0, t)
+        return self._beats(ch, bit)
+
+    def _positions(self, kind, pos0, rows):
+        return self._where(kind, pos0 + np.arange(rows)[:, None], np.arange(self.head_dim)[None, :])
+
+    def _beats(self, ch, bit) -> int:
+        # head regions are ALIGN-aligned, so every head touches the same beats of its region
+        per_head = [np.unique(bit[ch == c] // (8 * ALIGN)).size for c in range(self.params.weight_channels)]
+        return self.kv_heads * max(per_head, default=0)
 
     def write_beats(self, kind: int, pos0: int, rows: int) -> int:
         """64-byte beats a write of ``rows`` positions from ``pos0`` touches in its busiest
         channel (the store's cost: every channel writes in parallel)."""
-        if rows <= 0:
-            return 0
-        ch, bit = self._where(kind, pos0 + np.arange(rows)[:, None], np.arange(self.head_dim)[None, :])
-        per_head = [np.unique(bit[ch == c] // (8 * ALIGN)).size for c in range(self.params.weight_channels)]
-        return self.kv_heads * max(per_head)
+        return self._beats(*self._positions(kind, pos0, rows)) if rows > 0 else 0
 
     def read(self, channels, layer: int, kind: int, g: int, length: int) -> np.ndarray:
         """Positions ``0 .. length-1`` of head ``g`` as int8 (length, head_dim)."""

@@ -23,26 +23,27 @@ INT8-widened weights, exact group sums x fixed-point scales and mins, wrapping i
 evaluated by :func:`~flightllm.runtime.arith.mpe_accumulate`. Everything else is the
 float32 SFU of :mod:`flightllm.runtime.sfu` (the spec of each operation is there).
 
-Timing (the first performance model)
-------------------------------------
-Each instruction occupies its unit for:
+Timing (the performance model)
+------------------------------
+Every instruction is scheduled by the overlap rules of :mod:`flightllm.hw.isa` (unit
+pipelines, the MPE's fetch and compute phases with the stream FIFOs, the shared HBM,
+tokens and barriers) with the durations of :mod:`flightllm.runtime.timing`
+(:meth:`Golden._issue`). The work each instruction brings:
 
-* MV/MM: ``max(ceil(T * kept MACs / params.macs), passes * ceil(weight bytes /
-  params.hbm_weight_bytes_per_cycle))``, ``passes = ceil(T / mm_tokens)``;
-* QK: ``T * heads * tile * head_dim / macs``; PV (SFU): the same over the valid
-  (unmasked) positions only, ``/ sfu_lanes``;
-* other SFU ops: elements x passes / ``sfu_lanes`` (RMSNORM and QUANT 2 passes,
-  SOFTMAX 3);
-* LD/ST: bytes / (``kv_channels`` x one channel's bytes per cycle); EMBED: bytes of
-  the records holding the gathered rows / one channel's bytes per cycle;
+* MV/MM: compute ``T * kept MACs / params.macs``; fetch ``passes * region bytes`` per
+  channel at the sustained channel rate, ``passes = ceil(T / mm_tokens)``;
+* QK / PV: the same with ``T * rep`` query rows over the kv head's streamed cache
+  records (:meth:`flightllm.hw.kvcache.KvLayout.stream`);
+* SFU ops: elements x passes / ``sfu_lanes`` (RMSNORM, QUANT, QUANTG 2 passes,
+  SOFTMAX 3 over the attended positions);
+* LD/ST: bytes over the ``kv_channels`` the spaces are interleaved on; ST_KT: the
+  beats it touches in its busiest channel; EMBED: the records holding the gathered rows.
 
-at least one cycle. An instruction starts when its unit is free and the tokens it
-waits for have arrived; the four unit timelines are joined only by the tokens and
-by barriers (LOOP, loop back edges, END). A wait on an empty token FIFO (no earlier
-instruction signalled it) is a deadlock; tokens left over at a barrier are an
-error. A hazard check confirms that the tokens order every buffer access: an
-instruction must not start before the last writer (and, for a write, the last
-readers) of its buffers have finished.
+A wait on an empty token FIFO (no earlier instruction signalled it) is a deadlock;
+tokens left over at a barrier are an error. A hazard check confirms that the tokens
+order every access: an instruction must not start before the last writer (and, for a
+write, the last readers) of its buffers or HBM regions has completed (an MPE
+instruction's HBM reads are checked at its fetch).
 
 Execution
 ---------
@@ -67,7 +68,7 @@ import numpy as np
 from amaranth.lib import enum
 
 from ..hw.formats import ALIGN, PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
-from ..hw.isa import LOOP_DEPTH, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
+from ..hw.isa import LOOP_DEPTH, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
 from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
@@ -155,8 +156,7 @@ _ARGMAX_REG = Reg.ARGMAX.value
 _NBUF = max(b.value for b in Buf) + 1
 _TOK, _TAB, _OUTR, _REGR = range(_NBUF, _NBUF + 4)
 _PSEUDO = {_TOK: "token buffer", _TAB: "tables", _OUTR: "output HBM", _REGR: "ARGMAX register"}
-#: buffers attention touches one kv head at a time: a whole-buffer access means every head
-PER_HEAD = (Buf.S.value, Buf.PQ.value, Buf.A.value)
+_PER_HEAD = {b.value for b in PER_HEAD}
 # instruction kinds of the interpreter loop
 _K_OP, _K_SETR, _K_LOOP, _K_END, _K_NOP = range(5)
 
@@ -393,7 +393,7 @@ class Golden:
         out = []
         heads = self.kvl.kv_heads if self.kvl else 1
         for r in names:
-            if isinstance(r, int) and r in PER_HEAD:
+            if isinstance(r, int) and r in _PER_HEAD:
                 out.extend((r, g) for g in range(heads))
             else:
                 out.append(r)
@@ -588,12 +588,8 @@ class Golden:
         """The int8 (cap, head_dim) values of the region at byte ``off`` (positions x elements)."""
         v = self.kvm.get(off)
         if v is None:
-            kv = self.kvl
-            rel = off - kv.base
-            layer, rem = divmod(rel, kv.layer_bytes)
-            hk = kv.kv_heads * kv.head_bytes(_KIND_K)
-            g = rem // kv.head_bytes(_KIND_K) if kind == _KIND_K else (rem - hk) // kv.head_bytes(1)
-            v = self.kvm[off] = kv.read(self.channels, layer, kind, g, kv.cap)
+            layer, _, g = self.kvl.locate(off)
+            v = self.kvm[off] = self.kvl.read(self.channels, layer, kind, g, self.kvl.cap)
         return v
 
     def _st_kt(self, i, ins):
@@ -606,11 +602,13 @@ class Golden:
         if nkv != kv.kv_heads:
             raise GoldenError(f"instruction {i} (ST_KT): kv_heads {nkv} != the cache's {kv.kv_heads}")
         offs = [ALIGN * (f.get("kv_off", 0) + g * f.get("head_stride", 0)) for g in range(nkv)]
-        exp = [kv.head_offset(l, kind, 0) for l in range(kv.layers)]
-        if offs[0] not in exp or any(o != offs[0] + g * kv.head_bytes(kind) for g, o in enumerate(offs)):
+        try:
+            layer, _, _ = kv.locate(offs[0])
+        except ValueError:
+            layer = None
+        if layer is None or any(o != kv.head_offset(layer, kind, g) for g, o in enumerate(offs)):
             raise GoldenError(f"instruction {i} (ST_KT): regions at {offs[0]} (stride {ALIGN * f.get('head_stride', 0)}) "
                               f"are not a layer's {'V' if kind else 'K'} cache")
-        layer = exp.index(offs[0])
         port = self.p.hbm_port_bits / 8
         fn = self.functional
 
@@ -656,10 +654,13 @@ class Golden:
             self._kv_check(i, ins, f.get("bits", 0), f.get("head_dim", 0), cap)
             kind = _KIND_K if op == _QK else 1
             off = ALIGN * f.get("kv_off", 0)
-            if off != kv.head_offset((off - kv.base) // kv.layer_bytes, kind, g):
+            try:
+                where = kv.locate(off)
+            except ValueError:
+                where = None
+            if where is None or where[1:] != (kind, g):
                 raise GoldenError(f"{what}: kv_off {off} is not kv head {g}'s {'K' if kind == _KIND_K else 'V'} "
                                   "cache region")
-        rec_bytes = region_bytes(kv.fmt, (R, KV_GROUP), p)
 
         def rows_and_mask():
             rows = regs[rr] if rr else 1
@@ -697,9 +698,7 @@ class Golden:
         if op == _QK:
             def h():
                 rows, valid, n, n32, mask = rows_and_mask()
-                att = mask.any(axis=0)
-                tiles = np.unique(np.nonzero(att)[0] // R)
-                recs = tiles.size * (hd // KV_GROUP)
+                recs, nbytes = kv.stream(_KIND_K, mask.any(axis=0))
                 t2 = rows * rep
                 if fn:
                     q, qs, _ = self._i8(i, ins, src, rows)
@@ -710,16 +709,14 @@ class Golden:
                     S = self._scores(dst, rows, self.plan["heads"])
                     S[:, h0:h0 + rep, :n] = sfu.qk_scores(acc, qs[:, h0:h0 + rep], ks)
                 passes = -(-t2 // mm_tokens)
-                nbytes = recs * rec_bytes
                 self._stats.kv_bytes += passes * nbytes * p.weight_channels
-                return t2 * tiles.size * R * hd / macs, passes * nbytes / self.ch_bpc
+                kept = recs // (hd // KV_GROUP) * R * hd                          # row tiles x chains x head_dim
+                return t2 * kept / macs, passes * nbytes / self.ch_bpc
             return h, (src, aux), ((dst, g),), (("KVT", off),)
 
         def h():                                                            # PV
             rows, valid, n, n32, mask = rows_and_mask()
-            att = mask.any(axis=0)
-            groups = np.unique(np.nonzero(att)[0] // KV_GROUP)
-            row_tiles = -(-hd // R)
+            recs, nbytes = kv.stream(1, mask.any(axis=0))
             t2 = rows * rep
             if fn:
                 P = bufs.get(src)
@@ -738,11 +735,9 @@ class Golden:
                 if not (isinstance(A, np.ndarray) and A.shape == (rows, H * hd)):
                     A = bufs[dst] = np.zeros((rows, H * hd), F32)
                 A[:, h0 * hd:(h0 + rep) * hd] = out.reshape(rows, rep * hd)
-            recs = row_tiles * groups.size
             passes = -(-t2 // mm_tokens)
-            nbytes = recs * rec_bytes
             self._stats.kv_bytes += passes * nbytes * p.weight_channels
-            return t2 * row_tiles * R * groups.size * KV_GROUP / macs, passes * nbytes / self.ch_bpc
+            return t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc      # recs x (chains x 32) MACs
         return h, ((src, g),), ((dst, g),), (("KVT", off),)
 
     # -- operations: a handler () -> cycles per instruction, with its reads and writes --

@@ -56,9 +56,6 @@ MPE result to float: ``float32(acc) * float32(ldexp(A, -shift))`` where the int6
 
 ``silu_mul``: ``(g / (1 + exp(-g))) * u``.
 
-``softmax`` over the first ``n`` entries of a row (the rest become 0):
-``m = max``, ``e = exp(s - m)``, ``d = lane_sum(e)``, ``p = e / d``.
-
 Attention (one kv head ``g`` and its query heads ``h``; the integer products run on
 the matrix engine, :mod:`flightllm.runtime.arith`):
 
@@ -91,7 +88,7 @@ from ..compiler.reference import apply_rope
 from ..hw.params import ACT_MAX, FACTOR_MAX
 
 __all__ = ["F32", "lane_sum", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
-           "softmax_rows", "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
+           "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
            "argmax", "dequantize"]
 
 KV_BLOCK = 64       #: positions per block of block-sparse attention
@@ -250,26 +247,6 @@ def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
         r = g / d
     r *= np.asarray(u, dtype=F32)
     return r
-
-
-def softmax_rows(s: np.ndarray, valid: np.ndarray, lanes: int) -> np.ndarray:
-    """s (..., S) float32; entries ``>= valid`` (broadcast over the last axis) are masked."""
-    s = np.asarray(s, dtype=F32)
-    valid = np.asarray(valid)
-    if valid.size and valid.min() >= s.shape[-1]:          # nothing masked (decode): the same values
-        m = np.maximum.reduce(s, axis=-1, keepdims=True) if s.shape[-1] else np.full(s.shape[:-1] + (1,), -_INF)
-        with np.errstate(invalid="ignore", over="ignore"):
-            e = exp(s - m)
-            d = lane_sum(e, lanes)
-            e /= d[..., None]
-        return e
-    mask = np.arange(s.shape[-1]) < valid[..., None]
-    m = np.where(mask, s, F32(-np.inf)).max(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        e = np.where(mask, exp(np.where(mask, s - m, F32(0))), F32(0))
-    d = lane_sum(e, lanes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mask, e / d[..., None], F32(0)).astype(F32)
 
 
 def score_scale(head_dim: int) -> float:
