@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 OUT    ?= out
 PRESET ?= native
 HW     ?= u280
@@ -15,7 +16,7 @@ help:
 	@echo "make demo           build the Verilog, compile SmolLM2 ($(PRESET) on $(HW)) and generate text"
 	@echo "make test           run the test suite (what CI runs)"
 	@echo "make test-all       also the heavy RTL sweeps (slow_rtl)"
-	@echo "make bench          quality, speed, instruction and RTL benches -> docs/"
+	@echo "make bench          quality, performance model, speed, instruction and RTL benches -> docs/ (hours)"
 	@echo "make verilog        Verilog + params.json for HW=$(HW) into $(OUT)/hw-$(HW)"
 	@echo "make bitstream      xclbin for the U280 (needs Vitis/Vivado on PATH)"
 
@@ -40,14 +41,21 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
 bench: bench-quality
+	$(PY) bench/perf.py
 	$(PY) bench/instructions.py
 	$(PY) bench/speed.py
 	$(PY) bench/rtl_efficiency.py
 	$(PY) bench/resources.py
 
-bench-quality: $(STAMP)
+bench-quality: $(BENCH_STAMP)
 	$(PY) bench/quality.py
+	$(PY) bench/golden_quality.py
+	$(PY) bench/kv_quality.py
 
 verilog: $(STAMP)
 	$(PY) -m flightllm build-hw --preset $(HW) -o $(OUT)/hw-$(HW)

@@ -55,14 +55,19 @@ def compress_for_preset(model: LlamaModel, tokenizer, preset: str = DEFAULT_PRES
 
 
 def compile_model(model_path, out, preset: str, params: HwParams, calib_text: str | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, kv: str = "int8", sink: int = 0, window: int = 0) -> dict:
     """Import, compress and pack a model into the artifact directory ``out``.
 
-    Returns a summary dict (preset, bytes/param, per-format tensor counts, size).
+    ``kv`` is the KV cache format (``int8`` or ``int4``, per group of 32); ``window``
+    (blocks of 64 positions, 0: dense) and ``sink`` (leading blocks always attended)
+    select block-sparse attention. Returns a summary dict (preset, bytes/param,
+    per-format tensor counts, KV options, size).
     """
     from .tokenizer import Tokenizer
 
     recipe = get_recipe(preset)              # fail fast on an unknown preset
+    from .schedule import add_programs, check_kv_options
+    check_kv_options(kv, sink, window)       # ... and on bad KV options, before minutes of work
     if recipe.is_float:
         raise ValueError("preset 'float' is the uncompressed reference: it has no packed form to compile")
     out = Path(out)
@@ -83,14 +88,14 @@ def compile_model(model_path, out, preset: str, params: HwParams, calib_text: st
     w.add_table("output_norm", model.tensors["output_norm.weight"])
     w.files["tokenizer.json"] = json.dumps(tok.to_dict()).encode()
     # [issue 3, scheduler] RoPE table + length-adaptive instruction programs
-    from .schedule import add_programs
-    add_programs(w)
+    add_programs(w, kv, sink, window)
     formats = {}
     for ct in comp.values():
         formats[ct.fmt.name] = formats.get(ct.fmt.name, 0) + 1
     summary = {"preset": preset, "model": c.name, "source": str(model.path),
                "params": c.param_count(), "bytes_per_param": bytes_per_param(model, comp),
-               "formats": formats, "hw": params.name}
+               "formats": formats, "hw": params.name,
+               "kv": {"format": kv, "sink": sink, "window": window}}
     w.extra["compression"] = {
         "recipe": recipe.name, "description": recipe.description,
         "bytes_per_param": summary["bytes_per_param"],

@@ -50,6 +50,13 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _fake_quant(x: np.ndarray, levels: int) -> np.ndarray:
+    """``x`` (..., D) rounded to ``+-levels`` steps of its absmax along the last axis."""
+    step = np.abs(x).max(axis=-1, keepdims=True) / np.float32(levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(step > 0, np.rint(x / step) * step, 0).astype(np.float32)
+
+
 class FloatLlama:
     """The float reference model.
 
@@ -62,10 +69,19 @@ class FloatLlama:
         Called with the (T, in) input of each linear layer group:
         ``blk.{i}.attn_in`` (q, k, v), ``blk.{i}.attn_output``, ``blk.{i}.ffn_in``
         (gate, up), ``blk.{i}.ffn_down`` and ``output``.
+    sink, window : int, optional
+        Block-sparse attention as the compiler's KV options select it
+        (:func:`flightllm.runtime.sfu.attention_mask`); ``window=0``: dense causal.
+    kv_levels : int, optional
+        Round K (after RoPE) and V to ``+-kv_levels`` steps of their absmax per
+        (position, head), as the hardware's KV cache does (127: INT8, 7: INT4);
+        0 keeps them float32.
     """
 
-    def __init__(self, model: LlamaModel, max_seq: int | None = None, observer=None):
+    def __init__(self, model: LlamaModel, max_seq: int | None = None, observer=None, sink: int = 0,
+                 window: int = 0, kv_levels: int = 0):
         self.m = model
+        self.sink, self.window, self.kv_levels = sink, window, kv_levels
         self.cfg = model.config
         self.max_seq = max_seq or min(self.cfg.context_length, 4096)
         self.observer = observer
@@ -100,7 +116,8 @@ class FloatLlama:
         cos, sin = rope_tables(c.head_dim, pos, c.rope_theta)
         if x is None:
             x = m.embedding[tokens].astype(np.float32)
-        causal = pos[:, None] >= np.arange(p0 + t)[None, :]                  # (T, S)
+        from ..runtime.sfu import attention_mask      # the hardware's definition (sfu imports this module)
+        causal = attention_mask(pos + 1, p0 + t, self.sink, self.window)      # (T, S)
         for i in range(first_layer, c.n_layers):
             if trace is not None:
                 trace.append(x)
@@ -121,6 +138,8 @@ class FloatLlama:
         k = (h @ m.layer(i, "attn_k").T).reshape(t, nkv, hd)
         v = (h @ m.layer(i, "attn_v").T).reshape(t, nkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_levels:
+            k, v = (_fake_quant(a, self.kv_levels) for a in (k, v))
         self.k_cache[i, p0:p0 + t] = k
         self.v_cache[i, p0:p0 + t] = v
         kk = self.k_cache[i, :p0 + t].transpose(1, 0, 2)                      # (kvH, S, D)

@@ -66,13 +66,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from amaranth.lib import data
 
 from ..hw.formats import ALIGN, WeightFormat, align, region_bytes
-from ..hw.isa import (NO_LIMIT, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
+from ..hw.isa import (NO_LIMIT, PER_HEAD, AttnFmt, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
                       encode_program)
 from ..hw.kvcache import KV_GROUP, K, V, KvLayout
 from ..hw.params import HwParams
-from ..runtime.sfu import score_scale
+from ..runtime.sfu import KV_BLOCK, score_scale
 from .gguf_import import LINEARS, ModelConfig
 
 __all__ = ["ScheduleError", "Plan", "plan_from_manifest", "KV_FORMATS", "build_programs", "rope_table",
@@ -144,6 +145,18 @@ def _weights_end(m: dict) -> int:
     return max(ends, default=0)
 
 
+def check_kv_options(kv: str, sink: int, window: int) -> None:
+    """Raise :class:`ScheduleError` unless ``kv`` is a KV cache option and ``sink``/``window``
+    fit the attention instructions' fields (block-sparse needs a window)."""
+    if kv not in KV_FORMATS:
+        raise ScheduleError(f"unknown KV cache option {kv!r}; choose one of {', '.join(KV_FORMATS)}")
+    fields = data.Layout.cast(AttnFmt)       # the instruction fields bound sink and window
+    max_sink, max_window = (2 ** fields[f].shape.width - 1 for f in ("sink", "window"))
+    if not (0 <= sink <= max_sink and 0 <= window <= max_window) or (sink and not window):
+        raise ScheduleError(f"block-sparse attention: sink {sink} (0..{max_sink} blocks) needs a window "
+                            f"(1..{max_window} blocks of {KV_BLOCK} positions), got window {window}")
+
+
 def plan_from_manifest(m: dict, kv: str | None = None, sink: int | None = None,
                        window: int | None = None) -> Plan:
     """The plan of manifest ``m``: its own (``m['programs']['plan']``) if it has one, else
@@ -156,13 +169,8 @@ def plan_from_manifest(m: dict, kv: str | None = None, sink: int | None = None,
     max_seq = min(p.max_seq_len, cfg.context_length) // p.kv_tile * p.kv_tile
     if max_seq <= 0:
         raise ScheduleError(f"model context {cfg.context_length} is shorter than one KV tile ({p.kv_tile})")
-    kv = kv or "int8"
-    if kv not in KV_FORMATS:
-        raise ScheduleError(f"unknown KV cache option {kv!r}; choose one of {', '.join(KV_FORMATS)}")
-    sink, window = sink or 0, window or 0
-    if not (0 <= sink < 16 and 0 <= window < 256) or (sink and not window):
-        raise ScheduleError(f"block-sparse attention: sink {sink} (0..15) needs a window (1..255 blocks), "
-                            f"got window {window}")
+    kv, sink, window = kv or "int8", sink or 0, window or 0
+    check_kv_options(kv, sink, window)
     if cfg.head_dim % KV_GROUP or max_seq % KV_GROUP:
         raise ScheduleError(f"{cfg.name}: head_dim {cfg.head_dim} is not a multiple of {KV_GROUP} "
                             "(the KV cache's group)")
@@ -287,8 +295,9 @@ class _Builder:
             lay = pl.layout(p)
             # K and V first: their stores run while q streams (the QK fetch needs them in HBM)
             self.sfu(Opcode.ROPE, Buf.K, Buf.K, c.kv_dim, seg=hd, aux_reg=Reg.CPOS, table=rope)
-            self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd)
-            self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd)
+            # to the cache format's levels: +-127 (INT8) or +-7 (INT4)
+            self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd, imm=float(lay.fmt.qmax))
+            self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd, imm=float(lay.fmt.qmax))
             for kind, buf in ((K, Buf.KQ), (V, Buf.VQ)):
                 off = lay.head_offset(i, kind, 0)
                 self.emit(Opcode.ST_KT, [buf], [("KVT", i, kind)], src=buf, rows_reg=Reg.CLEN, pos_reg=Reg.CPOS,

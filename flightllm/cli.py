@@ -40,14 +40,22 @@ def _cmd_compile(args) -> int:
     params = get_preset(args.hw)
     calib = Path(args.calib).read_text() if args.calib else None
     summary = compile_model(args.model, args.output, args.preset, params, calib,
-                            progress=not args.quiet)
+                            progress=not args.quiet, kv=args.kv, sink=args.sink, window=args.window)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(f"compiled {summary['model']} with preset {summary['preset']} for {summary['hw']}: "
               f"{summary['bytes_per_param']:.4f} bytes/param, formats {summary['formats']}, "
-              f"{summary['bytes'] / 2**20:.1f} MiB in {summary['artifact']}")
+              f"KV cache {_kv_text(summary['kv'])}, {summary['bytes'] / 2**20:.1f} MiB in {summary['artifact']}")
     return 0
+
+
+def _kv_text(kv: dict) -> str:
+    from .runtime.sfu import KV_BLOCK
+
+    dense = "dense attention" if not kv["window"] else (
+        f"block-sparse attention ({kv['sink']} sink + {kv['window']} window blocks of {KV_BLOCK})")
+    return f"{kv['format']}, {dense}"
 
 
 def _cmd_info(args) -> int:
@@ -63,6 +71,10 @@ def _cmd_info(args) -> int:
           f"{a.params.weight_channels} weight channels, {a.params.clock_mhz:g} MHz")
     print(f"preset     {a.preset} ({comp.get('description', '')}), "
           f"{comp.get('bytes_per_param', float('nan')):.4f} bytes/param")
+    plan = (m.get("programs") or {}).get("plan")
+    if plan:
+        print(f"KV cache   {_kv_text({'format': plan['kv_format'], 'sink': plan['sink'], 'window': plan['window']})}, "
+              f"{plan['max_seq']} positions")
     counts = {}
     for t in m["tensors"].values():
         counts[t["format"]] = counts.get(t["format"], 0) + 1
@@ -93,8 +105,8 @@ def _cmd_perplexity(args) -> int:
         from .runtime.cli import resolve_artifact
         from .runtime.driver import Driver
 
-        drv = Driver(resolve_artifact(args.artifact, args.preset, args.hw or "u280", args.quiet, args.model),
-                     args.backend)
+        drv = Driver(resolve_artifact(args.artifact, args.preset, args.hw or "u280", args.quiet, args.model,
+                                      args.kv, args.sink, args.window), args.backend)
         ids = np.asarray(drv.tok.encode(text), dtype=np.int64)
         nll, n = drv.nll_windows(ids, args.context, bar and (lambda it: bar(it, desc="perplexity")))
         if n == 0:
@@ -131,6 +143,8 @@ def _cmd_perplexity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .runtime.perf import add_kv_args
+
     p = argparse.ArgumentParser(
         prog="flightllm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="FlightLLM-style FPGA LLM accelerator: compile LLaMA GGUF models to N:M-sparse "
@@ -148,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"compression preset (default {DEFAULT_PRESET}: the GGUF's own formats). " + _presets_help())
     c.add_argument("--hw", default="u280", help="hardware preset: " + ", ".join(_hw_presets()) + ", or a params.json (default u280)")
     c.add_argument("--calib", help="calibration text file (default: the bundled Python-docs excerpt)")
+    add_kv_args(c)
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compile)
@@ -173,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", default="golden",
                    help="golden (default: the artifact's programs, bit-exact) or float (dequantized float forward)")
     q.add_argument("--hw", default=None, help="hardware preset when compiling for --preset (default u280)")
+    add_kv_args(q)
     q.set_defaults(func=_cmd_perplexity)
 
     import importlib.util

@@ -118,7 +118,7 @@ class Opcode(enum.Enum, shape=6):
     SOFTMAX = 26    #: one kv head's scores -> int8 probabilities for PV (normaliser folded in)
     SILU_MUL = 27
     ADD = 28
-    QUANT = 29      #: requantize float32 -> int8 with one scale per segment (KV cache, queries)
+    QUANT = 29      #: requantize float32 -> int8 (levels +-imm) with one scale per segment (KV cache, queries)
     DEQUANT = 30
     ARGMAX = 32
     FILL = 33       #: set a float32 buffer to a constant
@@ -303,7 +303,7 @@ class SfuFmt(data.Struct):
     aux_reg: Reg            #: ROPE: position register; SOFTMAX: length register
     aux: signed(8)          #: SOFTMAX: length addend (row t: R[aux_reg] + aux + t)
     table: unsigned(24)     #: float32 element offset into the SFU tables
-    imm: unsigned(32)       #: float32 bits: RMSNORM eps, FILL value; SOFTMAX: stride
+    imm: unsigned(32)       #: float32 bits: RMSNORM eps, FILL value; QUANT largest level (0: 127); SOFTMAX: stride
 
 
 FORMATS = {}
@@ -328,7 +328,7 @@ assert set(FORMATS) == set(Opcode)
 
 #: fields holding IEEE float32 bits; :class:`Instr` takes and shows them as floats
 FLOAT_FIELDS = {SoftFmt: ("scale",), SfuFmt: ("imm",)}
-_FLOAT_OPS = {(Opcode.SOFTMAX, "scale"), (Opcode.RMSNORM, "imm"), (Opcode.FILL, "imm")}
+_FLOAT_OPS = {(Opcode.SOFTMAX, "scale"), (Opcode.RMSNORM, "imm"), (Opcode.FILL, "imm"), (Opcode.QUANT, "imm")}
 
 
 def f32_bits(x: float) -> int:
@@ -628,8 +628,9 @@ patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
   factor `u` per group of the consuming tensor's group size, `x ~ q * u * A`
   (`runtime/sfu.py`). Per-vector INT8 cost +3.1% perplexity on SmolLM2, this +0.3%
   (`docs/numerics.md`).
-* **Requantize** (QUANT) per row or per head segment: `absmax` in float32,
-  `scale = absmax / 127`, `q = clip(rint(x * (127 / absmax)), -127, 127)`
+* **Requantize** (QUANT) per row or per head segment to the largest level `Q`
+  (`imm`; 0 means 127, the INT4 KV cache uses 7): `absmax` in float32,
+  `scale = absmax / Q`, `q = clip(rint(x * (Q / absmax)), -Q, Q)`
   (float32, ties to even); absmax 0 gives q = 0, scale 0.
 * **SFU** is IEEE binary32 without FMA; every reduction uses `sfu_lanes` lane
   accumulators (lane j adds elements j, j+L, ... in order, from +0.0) and a fixed

@@ -43,9 +43,11 @@ def _code_hash(model=None) -> str:
     return h.hexdigest()[:12]
 
 
-def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = False, model=None) -> Path:
+def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = False, model=None,
+                     kv: str = "int8", sink: int = 0, window: int = 0) -> Path:
     """The artifact directory to use: the given one, or ``model`` (default SmolLM2)
-    compiled with ``preset`` for hardware ``hw`` into the cache (once per code version)."""
+    compiled with ``preset`` and the KV cache options for hardware ``hw`` into the
+    cache (once per code version)."""
     if artifact:
         return Path(artifact)
     from ..compiler.artifact import Artifact, ArtifactError
@@ -55,7 +57,8 @@ def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = F
     params = get_preset(hw)
     tag = "smollm2" if model is None else Path(model).stem + "-" + hashlib.sha256(
         str(Path(model).resolve()).encode()).hexdigest()[:8]
-    out = cache_dir() / f"{tag}-{preset}-{hw}-{_code_hash(model)}"
+    kv_tag = "" if (kv, sink, window) == ("int8", 0, 0) else f"-kv{kv}s{sink}w{window}"
+    out = cache_dir() / f"{tag}-{preset}{kv_tag}-{hw}-{_code_hash(model)}"
     if out.is_dir():
         try:
             a = Artifact(out, verify=False)
@@ -66,7 +69,7 @@ def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = F
     out.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
         print(f"compiling {tag} with preset {preset} for {hw} into {out} (once) ...", file=sys.stderr)
-    compile_model(model, out, preset, params, progress=not quiet)
+    compile_model(model, out, preset, params, progress=not quiet, kv=kv, sink=sink, window=window)
     return out
 
 

@@ -884,7 +884,7 @@ class Golden:
                 return 2 * rows * n / lanes
             return h, (src, _TAB), (dst,)
         if op == _QUANT:
-            seg = f.get("seg", 0) or n
+            seg, qmax = f.get("seg", 0) or n, f.get("imm", 0.0)
 
             def h():
                 rows = regs[rr] if rr else 1
@@ -892,7 +892,9 @@ class Golden:
                     x = self._f32(i, ins, src, rows, n)
                     if n % seg:
                         raise GoldenError(f"instruction {i} (QUANT): seg {seg} does not divide n {n}")
-                    bufs[dst] = (*sfu.requantize(x, seg), None)
+                    if not 0 <= qmax <= sfu.ACT_MAX:
+                        raise GoldenError(f"instruction {i} (QUANT): largest level {qmax} outside 0..{sfu.ACT_MAX}")
+                    bufs[dst] = (*sfu.requantize(x, seg, qmax), None)
                 return 2 * rows * n / lanes
             return h, (src,), (dst,)
         if op == _QUANTG:

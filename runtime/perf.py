@@ -13,13 +13,16 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+
 from ..compiler.gguf_import import ModelConfig
 from ..compiler.schedule import ScheduleError, build_programs, check_buffers, plan_from_manifest, shape_manifest
 from ..hw.params import get_preset
 from .golden import Golden
-from .timing import mpe_latency, timing_for
+from .sfu import attention_mask
+from .timing import Timing, mpe_latency, timing_for
 
-__all__ = ["LLAMA2_7B", "MODELS", "LAYER_FORMATS", "model_config", "perf", "markdown", "add_cli"]
+__all__ = ["LLAMA2_7B", "MODELS", "LAYER_FORMATS", "model_config", "perf", "markdown", "add_kv_args", "add_cli"]
 
 #: LLaMA2-7B's shape (the GGUF's hyper-parameters; no weights needed to model it)
 LLAMA2_7B = ModelConfig(name="LLaMA2-7B (shape only)", n_layers=32, hidden=4096, ffn=11008, n_heads=32,
@@ -77,9 +80,10 @@ def perf(model: str = "llama2-7b", hw: str = "u280", preset: str = "w4", positio
     for pos in positions:
         st = g.run(progs["decode"], {"POS": pos - 1, "LEN": 1})      # the token at pos-1 attends pos positions
         secs = st.cycles / clock
-        need = weights + row_bytes + pos * kv_row
+        attended = int(attention_mask(np.array([pos]), pos, sink, window).sum())   # block-sparse reads fewer
+        need = weights + row_bytes + attended * kv_row
         roof = peak / need
-        rows.append({"position": pos, "decode_tok_s": 1 / secs, "cycles": st.cycles,
+        rows.append({"position": pos, "attended": attended, "decode_tok_s": 1 / secs, "cycles": st.cycles,
                      "hbm_bytes_per_token": need, "streamed_bytes": st.hbm_bytes,
                      "achieved_gbps": need / secs / 1e9, "fraction_of_peak": need / secs / peak,
                      "roofline_tok_s": roof, "of_roofline": 1 / secs / roof, "busy": st.busy})
@@ -125,6 +129,21 @@ def _cmd(args) -> int:
     return 0
 
 
+def add_kv_args(p) -> None:
+    """The KV cache options of ``compile``, ``perplexity`` and ``perf`` (:func:`compile_model`)."""
+    from ..compiler.schedule import KV_FORMATS
+    from .sfu import KV_BLOCK
+
+    p.add_argument("--kv", default="int8", choices=sorted(KV_FORMATS),
+                   help="KV cache format, per (position, head) group of 32 values with a float32 scale "
+                        "(default int8)")
+    p.add_argument("--window", type=int, default=0, metavar="BLOCKS",
+                   help=f"block-sparse attention: attend only the last BLOCKS blocks of {KV_BLOCK} positions "
+                        "up to the query's own (default 0: dense)")
+    p.add_argument("--sink", type=int, default=0, metavar="BLOCKS",
+                   help="with --window: also attend the first BLOCKS blocks (attention sinks; default 0)")
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("perf", help="decode and prefill speed of a model on a hardware preset (performance model)",
                        description="Run the performance model (the golden model's cycle model, timing only) "
@@ -136,10 +155,9 @@ def add_cli(sub) -> None:
     p.add_argument("--preset", default="w4", help=f"layer formats: {', '.join(LAYER_FORMATS)} (default w4)")
     p.add_argument("--positions", default="1,128,512,2048,4096", help="comma-separated context positions")
     p.add_argument("--prompts", default="128,512", help="comma-separated prompt lengths for prefill")
-    p.add_argument("--kv", default="int8", choices=("int8", "int4"), help="KV cache values (default int8)")
-    p.add_argument("--sink", type=int, default=0, help="block-sparse attention: leading blocks of 64 kept")
-    p.add_argument("--window", type=int, default=0, help="block-sparse attention: recent blocks kept (0: dense)")
-    p.add_argument("--hbm-efficiency", type=float, default=0.92,
-                   help="sustained fraction of peak HBM bandwidth (default 0.92, Shuhai FCCM'20 on the U280)")
+    add_kv_args(p)
+    p.add_argument("--hbm-efficiency", type=float, default=Timing.hbm_efficiency,
+                   help="sustained fraction of peak HBM bandwidth (default %(default)s: sequential long-burst "
+                        "reads on the U280, Shuhai, FCCM 2020)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd)

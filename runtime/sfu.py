@@ -131,23 +131,26 @@ def lane_sum(x: np.ndarray, lanes: int) -> np.ndarray:
     return acc[..., 0]
 
 
-def requantize(x: np.ndarray, seg: int | None = None):
-    """float32 (..., n) -> (int8 (..., n), float32 scales (..., n // seg))."""
+def requantize(x: np.ndarray, seg: int | None = None, qmax: float = 0.0):
+    """float32 (..., n) -> (int8 (..., n) in ``[-qmax, qmax]``, float32 scales (..., n // seg)).
+
+    ``qmax`` is QUANT's largest level (0: ``ACT_MAX`` = 127; the INT4 KV cache uses 7)."""
     x = np.asarray(x, dtype=F32)
+    q = F32(qmax) if qmax else _Q
     n = x.shape[-1]
     seg = n if not seg else seg
     xs = x.reshape(x.shape[:-1] + (n // seg, seg))
     absmax = np.maximum.reduce(np.abs(xs), axis=-1)
     if absmax.all():
-        inv = _Q / absmax
+        inv = q / absmax
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(absmax > 0, _Q / absmax, _ZERO).astype(F32)
-    scale = absmax / _Q
+            inv = np.where(absmax > 0, q / absmax, _ZERO).astype(F32)
+    scale = absmax / q
     t = xs * inv[..., None]
     np.rint(t, out=t)
-    np.maximum(t, _M127, out=t)             # = clip(t, -127, 127), NaN kept as in np.clip
-    np.minimum(t, _Q, out=t)
+    np.maximum(t, -q, out=t)                # = clip(t, -q, q), NaN kept as in np.clip
+    np.minimum(t, q, out=t)
     return t.astype(np.int8).reshape(x.shape), scale
 
 

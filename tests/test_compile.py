@@ -156,6 +156,11 @@ def test_cli_bad_inputs_leave_nothing(tmp_path, capsys):
     _cli_fails(base + [str(good), "-o", str(out), "--preset", "w8", "--hw", "zcu104"], capsys,
                "unknown hardware preset 'zcu104'")
     _cli_fails(base + [str(good), "-o", str(out), "--preset", "float"], capsys, "no packed form")
+    # KV options beyond what the attention instructions can encode
+    _cli_fails(base + [str(good), "-o", str(out), "--preset", "w8", "--sink", "2"], capsys,
+               "sink 2 (0..15 blocks) needs a window")
+    _cli_fails(base + [str(good), "-o", str(out), "--preset", "w8", "--window", "300"], capsys,
+               "got window 300")
     # native: an F32 GGUF has no native format; the error names the tensor, its type and a preset
     _cli_fails(base + [str(good), "-o", str(out), "--preset", "native"], capsys,
                "tensor 'blk.0.attn_q.weight' is F32, which has no native format")

@@ -427,3 +427,36 @@ def test_writer_layout_is_the_written_manifest(tmp_path):
     m = Artifact(w.write(tmp_path / "art")).manifest
     assert lay == {k: m[k] for k in ("model", "hw", "tensors", "tables")}
     assert lay["tensors"]["b"]["offset"] > 0 and lay["tables"]["t2"]["offset"] == 28
+
+
+def test_kv_options_int4_and_block_sparse(tiny_art, tmp_path):
+    """INT4 KV and block-sparse attention end to end: compiled, run on the golden model,
+    and held to the float reference that attends the same positions."""
+    gguf = write_tiny_gguf(tmp_path / "long.gguf", context=256)
+    arts = {}
+    for name, kw in (("int8", {}), ("int4", {"kv": "int4"}), ("sparse", {"sink": 1, "window": 1})):
+        compile_model(gguf, tmp_path / name, "w8", get_preset("sim"), calib_text=CALIB, progress=False, **kw)
+        arts[name] = tmp_path / name
+    assert Driver(arts["int4"]).dev.plan["kv_format"] == "int4r/32"
+    toks = list(np.random.default_rng(1).integers(3, 120, 150))
+    out = {n: Driver(a).prefill(toks, all_logits=True) for n, a in arts.items()}
+    a = Artifact(arts["int8"])
+    m = load_gguf(gguf).with_tensors({n: a.dequantized(n) for n in a.tensor_names()})
+    ref = FloatLlama(m).forward(toks)
+    ref_sparse = FloatLlama(m, sink=1, window=1).forward(toks)
+    scale = np.abs(ref).max()
+    # sink 1 + window 1: positions < 128 see blocks 0 and 1 (all they have): bit-identical to dense
+    blk = sfu.KV_BLOCK
+    np.testing.assert_array_equal(out["sparse"][:2 * blk], out["int8"][:2 * blk])
+    late = slice(2 * blk, None)
+    assert not np.array_equal(out["sparse"][late], out["int8"][late])
+    # ... and later rows follow the sparse reference, not the dense one
+    e_sparse = np.abs(out["sparse"][late] - ref_sparse[late]).max()
+    assert e_sparse < 0.05 * scale, e_sparse
+    assert e_sparse < np.abs(out["sparse"][late] - ref[late]).max()
+    # INT4 values: coarser than INT8, and the golden model is nearer the float reference
+    # that rounds K and V the same way than the plain one (INT4 rounding flips a step
+    # on small upstream differences, so not as near as INT8 is to float)
+    ref4 = FloatLlama(m, kv_levels=7).forward(toks)
+    e4, e4_ref4, e8 = (np.abs(out[n] - r).mean() for n, r in (("int4", ref), ("int4", ref4), ("int8", ref)))
+    assert e8 < e4 and e4_ref4 < 0.6 * e4, (e8, e4, e4_ref4)
