@@ -632,12 +632,13 @@ patch pair `(preg, pmul)` adds `R[preg] * pmul` to an address or element offset.
   (`imm`; 0 means 127, the INT4 KV cache uses 7): `absmax` in float32,
   `scale = absmax / Q`, `q = clip(rint(x * (Q / absmax)), -Q, Q)`
   (float32, ties to even); absmax 0 gives q = 0, scale 0.
-* **SFU** is IEEE binary32 without FMA; every reduction uses `sfu_lanes` lane
-  accumulators (lane j adds elements j, j+L, ... in order, from +0.0) and a fixed
-  pairwise tree over the lanes. `exp` is range reduction `k = rint(x log2 e)`,
-  Cody-Waite `f = (x - k ln2_hi) - k ln2_lo`, a degree-7 Taylor polynomial by
-  Horner in float32, `ldexp(p, k)`, flush below 2^-126 (max error ~1.5 ulp on
-  [-87, 88]); SiLU is `g / (1 + exp(-g))`, rsqrt is `1 / sqrt`.
+* **SFU** is IEEE binary32 without FMA; every reduction uses `sfu_lanes` lanes of
+  `sfu_acc_slots` accumulators (lane j's beats go to its slots in turn, each adding
+  in order from +0.0, so a pipelined adder accumulates every cycle) and a fixed
+  pairwise tree over the slots, then the lanes. `exp` is fixed point: `t = x log2 e`
+  from one integer product, `2^frac(t)` from a 256-entry table and a quadratic,
+  rounded once to float32, flush below 2^-126 (max error 0.8 ulp); SiLU is
+  `g / (1 + exp(-g))`, rsqrt is `1 / sqrt` (`runtime/sfu.py`).
 * **RoPE** on adjacent pairs (2i, 2i+1) with cos/sin tables computed by the compiler
   in float64 and stored as float32 (`tables.bin`, table `rope`).
 * **KV cache** (`hw/kvcache.py`): INT8 (or INT4) values per (position, kv head) in

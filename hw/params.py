@@ -100,6 +100,10 @@ class HwParams:
         KV-cache positions moved per LD/ST and processed per attention loop trip.
     sfu_lanes : int
         Elements the special-function unit handles per cycle.
+    sfu_acc_slots : int
+        Accumulators per SFU lane in a sum (a power of two at least the float adder's
+        latency): consecutive beats of a lane go to consecutive slots, so a pipelined
+        adder accumulates every cycle. Part of the SFU's reduction order (the spec).
     max_seq_len : int
         Longest sequence the instruction programs and KV cache are sized for.
     stream_fifo_beats : int
@@ -129,6 +133,7 @@ class HwParams:
     act_buf_depth: int = 8192
     kv_tile: int = 64
     sfu_lanes: int = 16
+    sfu_acc_slots: int = 8
     max_seq_len: int = 2048
     mm_tokens: int = 16
     stream_fifo_beats: int = 512
@@ -140,7 +145,7 @@ class HwParams:
 
         for f in ("chains", "chain_len", "dsp_group", "weight_channels",
                   "kv_channels", "hbm_port_bits", "act_buf_depth", "kv_tile",
-                  "sfu_lanes", "max_seq_len", "mm_tokens", "stream_fifo_beats"):
+                  "sfu_lanes", "sfu_acc_slots", "max_seq_len", "mm_tokens", "stream_fifo_beats"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
                  f"{f} must be a positive int, not {getattr(self, f)!r}")
         need(self.chain_len % self.dsp_group == 0,
@@ -166,6 +171,8 @@ class HwParams:
                      f"chain_len {self.chain_len} (a beat never splits a group's lanes)")
         need(self.act_bits == 8 and self.act_factor_bits == 8,
              "act_bits and act_factor_bits must be 8 (ACT_MAX, FACTOR_MAX and the SFU's requantizers assume it)")
+        need(self.sfu_acc_slots & (self.sfu_acc_slots - 1) == 0,
+             f"sfu_acc_slots ({self.sfu_acc_slots}) must be a power of two (the reduction tree pairs them)")
         need(self.max_seq_len % self.kv_tile == 0,
              f"max_seq_len ({self.max_seq_len}) must be a multiple of kv_tile ({self.kv_tile})")
 

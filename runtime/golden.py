@@ -683,7 +683,7 @@ class Golden:
                     vs = self._f32(i, ins, aux, n)
                     vcol = np.zeros(n32, F32)
                     vcol[:n] = vs[:n, g]
-                    q, sc, u = sfu.softmax_probs(S[:, h0:h0 + rep, :n32], mask, vcol, c, lanes)
+                    q, sc, u = sfu.softmax_probs(S[:, h0:h0 + rep, :n32], mask, vcol, c, lanes, p.sfu_acc_slots)
                     P = bufs.get(dst)
                     H = self.plan["heads"]
                     if not (isinstance(P, tuple) and len(P) == 3 and P[0].ndim == 3 and P[0].shape[0] >= rows):
@@ -746,7 +746,7 @@ class Golden:
         fn = self.functional
         bufs = self.bufs
         rr = f.get("rows_reg", 0)
-        lanes = p.sfu_lanes
+        lanes, slots = p.sfu_lanes, p.sfu_acc_slots
         if op == _MV or op == _MM:
             mv = op == _MV
             src, dst = f.get("src", 0), f.get("dst", 0)
@@ -880,7 +880,7 @@ class Golden:
                 rows = regs[rr] if rr else 1
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
-                    bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes)
+                    bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes, slots)
                 return 2 * rows * n / lanes
             return h, (src, _TAB), (dst,)
         if op == _QUANT:

@@ -137,17 +137,61 @@ def test_requantize_groups_is_the_documented_formula():
 # --------------------------------------------------------------------------- SFU
 def test_lane_sum_is_the_documented_order():
     rng = np.random.default_rng(2)
-    for n, lanes in ((1, 8), (7, 8), (64, 8), (100, 16), (33, 6)):
+    for n, lanes, slots in ((1, 8, 1), (7, 8, 4), (64, 8, 1), (100, 16, 2), (33, 6, 4), (300, 8, 8)):
         x = (rng.standard_normal(n) * 10 ** rng.uniform(-3, 3, n)).astype(F32)
-        acc = [F32(0.0)] * lanes
+        acc = [[F32(0.0)] * slots for _ in range(lanes)]
         for i, v in enumerate(x):
-            acc[i % lanes] = F32(acc[i % lanes] + v)
-        width = 1 << (lanes - 1).bit_length()
-        acc += [F32(0.0)] * (width - lanes)
-        while len(acc) > 1:
-            acc = [F32(acc[2 * i] + acc[2 * i + 1]) for i in range(len(acc) // 2)]
-        assert sfu.lane_sum(x, lanes) == acc[0]
-        assert sfu.lane_sum(np.stack([x, x]), lanes)[1] == acc[0]
+            lane, beat = i % lanes, i // lanes
+            acc[lane][beat % slots] = F32(acc[lane][beat % slots] + v)
+        flat = [a for lane in acc for a in lane]                      # lane * slots + slot
+        flat += [F32(0.0)] * (((1 << (lanes - 1).bit_length()) - lanes) * slots)
+        while len(flat) > 1:
+            flat = [F32(flat[2 * i] + flat[2 * i + 1]) for i in range(len(flat) // 2)]
+        assert sfu.lane_sum(x, lanes, slots) == flat[0]
+        assert sfu.lane_sum(np.stack([x, x]), lanes, slots)[1] == flat[0]
+
+
+def test_exp_is_the_documented_fixed_point():
+    """exp against a plain-integer transcription of the docstring's algorithm, and within
+    0.8 ulp of the true exp wherever the result is a normal float."""
+    def one(x):
+        b = int(np.array(x, F32).view(np.uint32))
+        s, e, m = b >> 31, (b >> 23) & 255, (b & 0x7FFFFF) | (1 << 23)
+        if np.isnan(x):
+            return x
+        if e >= 134:
+            return F32(0.0) if s else F32(np.inf)
+        mag = 0 if e == 0 else (m * round(math.log2(math.e) * 2 ** 32)) >> (156 - e)
+        t = -mag if s else mag
+        k, j, r = t >> 26, (t >> 18) & 255, t & (2 ** 18 - 1)
+        a = (r * round(math.log(2) * 2 ** 18)) >> 8
+        d = a + (((a >> 10) ** 2) >> 17)
+        T = round(2 ** (j / 256) * 2 ** 30)
+        M = T + (((T >> 4) * d) >> 32)
+        sig, rem = M >> 7, M & 127
+        sig += rem > 64 or (rem == 64 and sig & 1)
+        if sig == 1 << 24:
+            sig, k = sig >> 1, k + 1
+        if k + 127 <= 0:
+            return F32(0.0)
+        if k + 127 >= 255:
+            return F32(np.inf)
+        return np.array(((k + 127) << 23) | (sig - (1 << 23)), np.uint32).view(F32)
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-100, 100, 3000).astype(F32), (rng.standard_normal(500) * 1e-6).astype(F32),
+                        rng.integers(0, 2 ** 32, 500, dtype=np.uint64).astype(np.uint32).view(F32),
+                        np.array([0, -0.0, 1, -1, 88.72, 88.73, -87.33, -87.34, 128, -128, np.inf, -np.inf,
+                                  np.nan, 1e-45], F32)])
+    got = sfu.exp(x)
+    for xi, g in zip(x, got):
+        want = one(xi)
+        assert (np.isnan(g) and np.isnan(want)) or g.view(np.uint32) == F32(want).view(np.uint32), (xi, g, want)
+    x = rng.uniform(-87, 88, 200_000).astype(F32)
+    ref = np.exp(x.astype(np.float64))
+    ok = ref >= 2.0 ** -126
+    ulp = np.abs(sfu.exp(x)[ok] - ref[ok]) / np.spacing(ref[ok].astype(F32))
+    assert ulp.max() < 0.81, ulp.max()
 
 
 def test_sfu_ops_against_numpy():
