@@ -7,6 +7,9 @@ are correctly rounded (round to nearest, ties to even), so numpy float32
 element-wise operations reproduce an RTL IEEE unit exactly. There is no fused
 multiply-add: ``a*b + c`` rounds twice. Subnormal results of ``exp`` are flushed
 to zero (see :func:`exp`); everywhere else subnormals are kept (numpy default).
+A NaN result is any NaN (its sign and payload are not specified; the RTL makes
+0x7FC00000), and a NaN converted to an integer (the requantizers' ``q`` and ``u``)
+is 0 (:func:`to_int`).
 
 Reductions (fixed order)
 ------------------------
@@ -95,7 +98,7 @@ import numpy as np
 from ..compiler.reference import apply_rope
 from ..hw.params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["F32", "lane_sum", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
+__all__ = ["F32", "lane_sum", "to_int", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
            "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
            "argmax", "dequantize"]
 
@@ -143,6 +146,13 @@ def lane_sum(x: np.ndarray, lanes: int, slots: int = 1) -> np.ndarray:
     return acc[..., 0]
 
 
+def to_int(t: np.ndarray, dtype) -> np.ndarray:
+    """Integral float32 values already clipped to ``dtype``'s range -> ``dtype``; NaN -> 0."""
+    if np.isnan(t).any():
+        t = np.where(np.isnan(t), _ZERO, t)
+    return t.astype(dtype)
+
+
 def requantize(x: np.ndarray, seg: int | None = None, qmax: float = 0.0):
     """float32 (..., n) -> (int8 (..., n) in ``[-qmax, qmax]``, float32 scales (..., n // seg)).
 
@@ -153,17 +163,15 @@ def requantize(x: np.ndarray, seg: int | None = None, qmax: float = 0.0):
     seg = n if not seg else seg
     xs = x.reshape(x.shape[:-1] + (n // seg, seg))
     absmax = np.maximum.reduce(np.abs(xs), axis=-1)
-    if absmax.all():
-        inv = q / absmax
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(absmax > 0, q / absmax, _ZERO).astype(F32)
-    scale = absmax / q
-    t = xs * inv[..., None]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):     # subnormal absmax: inv inf
+        inv = q / absmax if absmax.all() else np.where(absmax > 0, q / absmax, _ZERO).astype(F32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = absmax / q
+        t = xs * inv[..., None]
     np.rint(t, out=t)
     np.maximum(t, -q, out=t)                # = clip(t, -q, q), NaN kept as in np.clip
     np.minimum(t, q, out=t)
-    return t.astype(np.int8).reshape(x.shape), scale
+    return to_int(t, np.int8).reshape(x.shape), scale
 
 
 _QU = F32(ACT_MAX * FACTOR_MAX)
@@ -189,7 +197,7 @@ def requantize_groups(x: np.ndarray, g: int):
     np.rint(t, out=t)
     np.maximum(t, _M127, out=t)
     np.minimum(t, _Q, out=t)
-    return t.astype(np.int8).reshape(rows, n), (amax / _QU).astype(F32), u.astype(np.uint8)
+    return to_int(t, np.int8).reshape(rows, n), (amax / _QU).astype(F32), to_int(u, np.uint8)
 
 
 def mpe_to_float(acc: np.ndarray, x_scale: np.ndarray, shift: int) -> np.ndarray:
@@ -215,10 +223,11 @@ def dequantize(q: np.ndarray, scale: np.ndarray, factors: np.ndarray | None = No
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, lanes: int, slots: int = 1) -> np.ndarray:
     x = np.asarray(x, dtype=F32)
-    ss = lane_sum(x * x, lanes, slots)
-    ms = ss / F32(x.shape[-1])
-    r = F32(1.0) / np.sqrt(ms + F32(eps))
-    return (x * r[..., None]) * np.asarray(w, dtype=F32)
+    with np.errstate(all="ignore"):          # inf / NaN inputs follow IEEE
+        ss = lane_sum(x * x, lanes, slots)
+        ms = ss / F32(x.shape[-1])
+        r = F32(1.0) / np.sqrt(ms + F32(eps))
+        return (x * r[..., None]) * np.asarray(w, dtype=F32)
 
 
 # RoPE is four float32 products and two sums per pair, each correctly rounded, so the
@@ -266,10 +275,10 @@ def exp(x: np.ndarray) -> np.ndarray:
 def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     g = np.asarray(g, dtype=F32)
     d = exp(-g)
-    d += F32(1.0)
-    with np.errstate(over="ignore"):
+    with np.errstate(all="ignore"):
+        d += F32(1.0)
         r = g / d
-    r *= np.asarray(u, dtype=F32)
+        r *= np.asarray(u, dtype=F32)
     return r
 
 
@@ -303,13 +312,12 @@ def softmax_probs(s: np.ndarray, mask: np.ndarray, vs: np.ndarray, c: float, lan
     t, rep, n = s.shape
     mk = np.broadcast_to(np.asarray(mask, bool)[:, None, :], s.shape)
     m = np.where(mk, s, F32(-np.inf)).max(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(all="ignore"):          # inf / NaN scores follow IEEE
         z = np.where(mk, (s - m) * F32(c), F32(0))
         e = np.where(mk, exp(z), F32(0))
-    d = lane_sum(e, lanes, slots)
-    w = e * np.asarray(vs, F32)
-    q, a, u = requantize_groups(w.reshape(t * rep, n), 32)
-    with np.errstate(invalid="ignore", divide="ignore"):
+        d = lane_sum(e, lanes, slots)
+        w = e * np.asarray(vs, F32)
+        q, a, u = requantize_groups(w.reshape(t * rep, n), 32)
         scale = (a / d.reshape(-1)).astype(F32)
     return q.reshape(t, rep, n), scale.reshape(t, rep), u.reshape(t, rep, n // 32)
 
