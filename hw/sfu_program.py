@@ -32,14 +32,15 @@ the same programs.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..runtime import sfu
 from .params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["Src", "Pair", "Opnd", "Red", "Pass", "Sqrt", "program", "run", "Env"]
+__all__ = ["Src", "Pair", "Opnd", "Red", "Pass", "Sqrt", "template", "bind", "program", "run", "Env",
+           "SOFTMAX_GROUP"]
 
 F32 = np.float32
 
@@ -135,81 +136,123 @@ class Env:
 
 
 # ----------------------------------------------------------------------------- programs
+# Templates name what an instruction supplies at run time, so the RTL holds each opcode's
+# steps once (a ROM) and binds them per instruction, as :func:`bind` does here: lengths
+# "n", "n/seg", "n/group" (a segment or group count) and immediates "eps", "c", "imm",
+# "qmax" (QUANT's level, 0 meaning ACT_MAX) and "n" (the row length as a float).
 _QU = float(ACT_MAX * FACTOR_MAX)
+SOFTMAX_GROUP = 32                           #: SOFTMAX's probabilities: a factor per 32 positions
 
 
-def _requant_groups(inp: Opnd, n: int, per: int, after: dict) -> list:
+def _requant_groups(inp: Opnd, per, quant: dict, scale: list | None = None) -> list:
     """QUANTG's and SOFTMAX's tail: from the group maxima ``G`` and row max ``amax`` the
     factors u, the per-group inverse, the row scale A; then the quantizing pass."""
-    ng = n // per
-    g = Opnd(Src.VEC, "G")
+    ng = "n/group" if per == "group" else f"n/{per}"
     return [
         Pass(Opnd(Src.REG, "amax"), 1, div=Opnd(Src.IMM, imm=float(FACTOR_MAX)), div_num=True, div_safe=True,
              out="reg:r"),
-        Pass(g, ng, mul1=Opnd(Src.REG, "r"), rnd="ceil", clip=(0.0, float(FACTOR_MAX)), out="vec:u"),
+        Pass(Opnd(Src.VEC, "G"), ng, mul1=Opnd(Src.REG, "r"), rnd="ceil", clip=(0.0, float(FACTOR_MAX)),
+             out="vec:u"),
         Pass(Opnd(Src.VEC, "u"), ng, mul1=Opnd(Src.REG, "amax"), div=Opnd(Src.IMM, imm=_QU), div_num=True,
              div_safe=True, out="vec:inv"),
         Pass(Opnd(Src.VEC, "u"), ng, out="factor", out_int="u8"),
         Pass(Opnd(Src.REG, "amax"), 1, div=Opnd(Src.IMM, imm=_QU), out="reg:A"),
-        *after.get("scale", [Pass(Opnd(Src.REG, "A"), 1, out="scale")]),
-        Pass(inp, n, **after.get("quant", {}), rnd="rint", clip=(-float(ACT_MAX), float(ACT_MAX)), out="dst",
-             out_int="i8"),
+        *(scale or [Pass(Opnd(Src.REG, "A"), 1, out="scale")]),
+        Pass(inp, "n", **quant, mul3=Opnd(Src.VEC, "inv", per=per), rnd="rint",
+             clip=(-float(ACT_MAX), float(ACT_MAX)), out="dst", out_int="i8"),
     ]
+
+
+def template(op: str, factors: bool = False) -> list:
+    """The steps of SFU opcode ``op`` with run-time lengths and immediates by name
+    (``factors``: DEQUANT of a QUANTG buffer, whose factors come per ``group``)."""
+    x = Opnd(Src.IN)
+    if op == "ADD":
+        return [Pass(x, "n", add1=Opnd(Src.S2), out="dst")]
+    if op == "FILL":
+        return [Pass(Opnd(Src.IMM, imm="imm"), "n", out="dst")]
+    if op == "SILU_MUL":                     # (g / (1 + exp(-g))) * u
+        return [Pass(x, "n", exp=True, exp_neg=True, add2=Opnd(Src.IMM, imm=1.0), div=x, div_num=True,
+                     mul3=Opnd(Src.S2), out="dst")]
+    if op == "RMSNORM":                      # r = 1 / sqrt(sum(x*x) / n + eps); (x * r) * w
+        return [Pass(x, "n", mul1=x, reds=(Red("SUM", "MUL1", reg="ss"),)),
+                Pass(Opnd(Src.REG, "ss"), 1, div=Opnd(Src.IMM, imm="n"), out="reg:ms"),
+                Pass(Opnd(Src.REG, "ms"), 1, add1=Opnd(Src.IMM, imm="eps"), out="reg:t"),
+                Sqrt("t", "sq"),
+                Pass(Opnd(Src.REG, "sq"), 1, div=Opnd(Src.IMM, imm=1.0), div_num=True, out="reg:r"),
+                Pass(x, "n", mul1=Opnd(Src.REG, "r"), mul2=Opnd(Src.TAB), out="dst")]
+    if op == "ROPE":                         # y0 = x0 c - x1 s, y1 = x1 c + x0 s (tab: c, s per pair)
+        return [Pass(x, "n", mul1=Opnd(Src.TAB, pair=Pair.EVEN),
+                     add2=Opnd(Src.IN, pair=Pair.SWAP), add2_mul=Opnd(Src.TAB, pair=Pair.ODD, neg_even=True),
+                     out="dst")]
+    if op == "QUANT":                        # per segment: scale = amax / Q, q = rint(x * (Q / amax))
+        a = Opnd(Src.VEC, "amax")
+        return [Pass(x, "n", reds=(Red("AMAX", "IN", vec="amax", per="seg"),)),
+                Pass(a, "n/seg", div=Opnd(Src.IMM, imm="qmax"), out="scale"),
+                Pass(a, "n/seg", div=Opnd(Src.IMM, imm="qmax"), div_num=True, div_safe=True, out="vec:inv"),
+                Pass(x, "n", mul1=Opnd(Src.VEC, "inv", per="seg"), rnd="rint", clip=("-qmax", "qmax"),
+                     out="dst", out_int="i8")]
+    if op == "QUANTG":
+        return [Pass(x, "n", reds=(Red("AMAX", "IN", reg="amax", vec="G", per="group"),)),
+                *_requant_groups(x, "group", {})]
+    if op == "DEQUANT":                      # float32(q [* u]) * scale (per segment)
+        return [Pass(x, "n", mul1=Opnd(Src.VEC, "u", per="group") if factors else None,
+                     mul2=Opnd(Src.VEC, "scale", per="seg"), out="dst")]
+    if op == "ARGMAX":
+        return [Pass(x, "n", reds=(Red("ARGMAX", "IN", reg="argmax"),))]
+    if op == "SOFTMAX":                      # one (row, head) of n positions (runtime/sfu.py)
+        probs = dict(add1=Opnd(Src.REG, "m", neg=True), mul1=Opnd(Src.IMM, imm="c"), exp=True, mask=True,
+                     mul2=Opnd(Src.S2))
+        g = SOFTMAX_GROUP
+        return [Pass(x, "n", mask=True, reds=(Red("MAX", "IN", reg="m"),)),
+                Pass(x, "n", **probs, reds=(Red("SUM", "MASK", reg="d"), Red("AMAX", "MUL2", reg="amax", vec="G",
+                                                                                 per=g))),
+                *_requant_groups(x, g, probs, [Pass(Opnd(Src.REG, "A"), 1, div=Opnd(Src.REG, "d"), out="scale")])]
+    raise ValueError(f"SFU program: unknown opcode {op!r}")
+
+
+def bind(steps: list, **fields) -> list:
+    """``steps`` with the run-time names replaced by the instruction's ``fields`` (n, seg,
+    group, eps, c, imm, qmax)."""
+    f = dict(fields)
+    f["qmax"] = float(f.get("qmax") or ACT_MAX)
+    f["-qmax"] = -f["qmax"]
+
+    def num(v, what):
+        if not isinstance(v, str):
+            return v
+        if v.startswith("n/"):
+            d = f[v[2:]] if v[2:] in f else int(v[2:])
+            if not d or f["n"] % d:
+                raise ValueError(f"SFU program: {v[2:]} {d} does not divide the row of {f['n']}")
+            return f["n"] // d
+        if v not in f:
+            raise ValueError(f"SFU program: {what} needs the instruction field {v!r}")
+        return float(f[v]) if what == "immediate" and v == "n" else f[v]
+
+    def opnd(o):
+        return None if o is None else replace(o, imm=num(o.imm, "immediate"), per=num(o.per, "segment"))
+
+    out = []
+    for s in steps:
+        if isinstance(s, Pass):
+            s = replace(s, inp=opnd(s.inp), length=num(s.length, "length"),
+                        clip=None if s.clip is None else tuple(float(num(c, "clip")) for c in s.clip),
+                        reds=tuple(replace(r, per=num(r.per, "segment")) for r in s.reds),
+                        **{k: opnd(getattr(s, k)) for k in ("add1", "mul1", "mul2", "add2", "add2_mul", "div",
+                                                            "mul3")})
+        out.append(s)
+    return out
 
 
 def program(op: str, n: int, *, seg: int = 0, group: int = 0, qmax: float = 0.0, eps: float = 0.0,
             c: float = 0.0, imm: float = 0.0) -> list:
-    """The steps of SFU opcode ``op`` on a row of ``n`` elements (instruction fields:
-    ``seg`` = QUANT's segment, QUANTG's group, ROPE's head_dim or the scale segment of
-    DEQUANT's source, whose factors (a QUANTG buffer) come in groups of ``group``;
-    ``qmax`` QUANT's level; ``eps`` RMSNORM's; ``c`` SOFTMAX's score scale; ``imm``
-    FILL's value)."""
-    x = Opnd(Src.IN)
-    if op == "ADD":
-        return [Pass(x, n, add1=Opnd(Src.S2), out="dst")]
-    if op == "FILL":
-        return [Pass(Opnd(Src.IMM, imm=imm), n, out="dst")]
-    if op == "SILU_MUL":                     # (g / (1 + exp(-g))) * u
-        return [Pass(x, n, exp=True, exp_neg=True, add2=Opnd(Src.IMM, imm=1.0), div=x, div_num=True,
-                     mul3=Opnd(Src.S2), out="dst")]
-    if op == "RMSNORM":                      # r = 1 / sqrt(sum(x*x) / n + eps); (x * r) * w
-        return [Pass(x, n, mul1=x, reds=(Red("SUM", "MUL1", reg="ss"),)),
-                Pass(Opnd(Src.REG, "ss"), 1, div=Opnd(Src.IMM, imm=float(n)), out="reg:ms"),
-                Pass(Opnd(Src.REG, "ms"), 1, add1=Opnd(Src.IMM, imm=eps), out="reg:t"),
-                Sqrt("t", "sq"),
-                Pass(Opnd(Src.REG, "sq"), 1, div=Opnd(Src.IMM, imm=1.0), div_num=True, out="reg:r"),
-                Pass(x, n, mul1=Opnd(Src.REG, "r"), mul2=Opnd(Src.TAB), out="dst")]
-    if op == "ROPE":                         # y0 = x0 c - x1 s, y1 = x1 c + x0 s (tab: c, s per pair)
-        return [Pass(x, n, mul1=Opnd(Src.TAB, pair=Pair.EVEN),
-                     add2=Opnd(Src.IN, pair=Pair.SWAP), add2_mul=Opnd(Src.TAB, pair=Pair.ODD, neg_even=True),
-                     out="dst")]
-    if op == "QUANT":                        # per segment: scale = amax / Q, q = rint(x * (Q / amax))
-        seg = seg or n
-        q = float(qmax or ACT_MAX)
-        a = Opnd(Src.VEC, "amax")
-        return [Pass(x, n, reds=(Red("AMAX", "IN", vec="amax", per=seg),)),
-                Pass(a, n // seg, div=Opnd(Src.IMM, imm=q), out="scale"),
-                Pass(a, n // seg, div=Opnd(Src.IMM, imm=q), div_num=True, div_safe=True, out="vec:inv"),
-                Pass(x, n, mul1=Opnd(Src.VEC, "inv", per=seg), rnd="rint", clip=(-q, q), out="dst", out_int="i8")]
-    if op == "QUANTG":
-        return [Pass(x, n, reds=(Red("AMAX", "IN", reg="amax", vec="G", per=seg),)),
-                *_requant_groups(x, n, seg, {"quant": {"mul1": Opnd(Src.VEC, "inv", per=seg)}})]
-    if op == "DEQUANT":                      # float32(q [* u]) * scale (per segment)
-        return [Pass(x, n, mul1=Opnd(Src.VEC, "u", per=group) if group else None,
-                     mul2=Opnd(Src.VEC, "scale", per=seg or n), out="dst")]
-    if op == "ARGMAX":
-        return [Pass(x, n, reds=(Red("ARGMAX", "IN", reg="argmax"),))]
-    if op == "SOFTMAX":                      # one (row, head) of n positions (module docstring of sfu)
-        probs = dict(add1=Opnd(Src.REG, "m", neg=True), mul1=Opnd(Src.IMM, imm=c), exp=True, mask=True,
-                     mul2=Opnd(Src.S2))
-        group = 32
-        return [Pass(x, n, mask=True, reds=(Red("MAX", "IN", reg="m"),)),
-                Pass(x, n, **probs, reds=(Red("SUM", "MASK", reg="d"),
-                                         Red("AMAX", "MUL2", reg="amax", vec="G", per=group))),
-                *_requant_groups(x, n, group, {
-                    "scale": [Pass(Opnd(Src.REG, "A"), 1, div=Opnd(Src.REG, "d"), out="scale")],
-                    "quant": {**probs, "mul3": Opnd(Src.VEC, "inv", per=group)}})]
-    raise ValueError(f"SFU program: unknown opcode {op!r}")
+    """The bound steps of SFU opcode ``op`` on a row of ``n`` elements (instruction fields:
+    ``seg`` = QUANT's segment, ROPE's head_dim or the scale segment of DEQUANT's source;
+    ``group`` = QUANTG's group or that of DEQUANT's factors (a QUANTG buffer); ``qmax``
+    QUANT's level; ``eps`` RMSNORM's; ``c`` SOFTMAX's score scale; ``imm`` FILL's value)."""
+    return bind(template(op, factors=bool(group)), n=n, seg=seg or n, group=group, qmax=qmax, eps=eps, c=c,
+                imm=imm)
 
 
 # ----------------------------------------------------------------------------- interpreter

@@ -90,7 +90,7 @@ def test_quantg_and_dequant(rng, g):
     x = rows(rng, 3, 256)
     x[2] = 0
     x[1, :g] = 0
-    e = run(program("QUANTG", 256, seg=g), env(x))
+    e = run(program("QUANTG", 256, group=g), env(x))
     q, a, u = sfu.requantize_groups(x, g)
     same(e.dst, q)
     same(e.scale[:, 0], a)
@@ -122,12 +122,16 @@ def test_softmax(rng, n, valid, sink, window):
 
 
 def test_every_pass_is_a_pass_of_known_length():
-    for op, kw in [("ADD", {}), ("RMSNORM", {}), ("QUANT", {"seg": 32}), ("QUANTG", {"seg": 32}),
+    for op, kw in [("ADD", {}), ("RMSNORM", {}), ("QUANT", {"seg": 32}), ("QUANTG", {"group": 32}),
                    ("SOFTMAX", {"c": 0.125}), ("ROPE", {"seg": 64})]:
         for s in program(op, 128, **kw):
             assert not isinstance(s, Pass) or s.length in (1, 4, 128), (op, s)
     with pytest.raises(ValueError, match="unknown opcode 'NOPE'"):
         program("NOPE", 8)
+    with pytest.raises(ValueError, match="group 0 does not divide the row of 64"):
+        program("QUANTG", 64)
+    with pytest.raises(ValueError, match="seg 24 does not divide the row of 64"):
+        program("QUANT", 64, seg=24)
 
 
 @pytest.mark.parametrize("op", ["ADD", "SILU_MUL", "RMSNORM", "QUANT", "QUANTG", "QUANT4", "ARGMAX", "ROPE"])
@@ -147,7 +151,7 @@ def test_special_values(rng, op):
         same(e.dst, q)
         same(e.scale, s)
     elif op == "QUANTG":
-        e = run(program(op, n, seg=32), env(x))
+        e = run(program(op, n, group=32), env(x))
         q, a, u = sfu.requantize_groups(x, 32)
         same(e.dst, q)
         same(e.scale[:, 0], a)
