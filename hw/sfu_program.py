@@ -278,7 +278,8 @@ def _opnd(o: Opnd, env: Env, inp: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return -v if o.neg else v
 
 
-def _pass(p: Pass, env: Env) -> None:
+def _pass(p: Pass, env: Env) -> np.ndarray:
+    """Run one pass; returns its output (float32, or int8/uint8 with ``out_int``)."""
     idx = np.arange(p.length)
     shape = (env.x.shape[0], p.length)
     a = env.x[:, :p.length] if p.inp.src == Src.IN else _opnd(p.inp, env, np.zeros(shape, F32), idx)
@@ -331,11 +332,9 @@ def _pass(p: Pass, env: Env) -> None:
                 env.regs[r.reg] = np.maximum.reduce(av, axis=-1)
         elif r.kind == "ARGMAX":
             env.argmax = np.argmax(v, axis=-1)
+    val = sfu.to_int(x, np.int8 if p.out_int == "i8" else np.uint8) if p.out_int else x
     if not p.out:
-        return
-    val = x
-    if p.out_int:
-        val = sfu.to_int(x, np.int8 if p.out_int == "i8" else np.uint8)
+        return val
     kind, _, name = p.out.partition(":")
     if kind == "reg":
         env.regs[name] = val[:, 0]
@@ -343,6 +342,7 @@ def _pass(p: Pass, env: Env) -> None:
         env.vecs[name] = val
     else:
         setattr(env, kind, val)
+    return val
 
 
 def run(steps: list, env: Env) -> Env:
@@ -353,3 +353,41 @@ def run(steps: list, env: Env) -> Env:
         else:
             _pass(s, env)
     return env
+
+
+# ----------------------------------------------------------------------------- lane encoding
+#: the operand that leaves a stage's value unchanged (exact for every input; a NaN stays a NaN)
+IDENTITY = {"b": -0.0, "c": 1.0, "d": -0.0, "d2": 1.0, "e": 1.0, "f": 1.0, "g": 1.0}
+_PORT = {"add1": "b", "mul1": "c", "add2": "d", "add2_mul": "d2", "div": "e", "mul2": "f", "mul3": "g"}
+OUT_CODE = {"": 0, "i8": 1, "u8": 2}
+
+
+def _bits(v) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(v, F32).reshape(np.shape(v))).view(np.uint32)
+
+
+def lane_words(p: Pass, env: Env) -> tuple[dict, dict]:
+    """What the sequencer presents to the lanes for row pass ``p``: the lane configuration
+    (:class:`~flightllm.hw.sfu_lane.LaneConfig` fields) and, per port, the (rows, length)
+    uint32 words of every element (unused stages get :data:`IDENTITY`)."""
+    idx = np.arange(p.length)
+    shape = (env.x.shape[0], p.length)
+    int8 = p.inp.src == Src.IN and env.x.dtype == np.int8
+    if p.inp.src == Src.IN:
+        a = env.x[:, :p.length]
+        inp = a.astype(F32)
+        words = {"a": a.astype(np.uint8).astype(np.uint32) if int8 else _bits(a)}
+    else:
+        inp = _opnd(p.inp, env, np.zeros(shape, F32), idx)
+        words = {"a": _bits(inp)}
+    for stage, port in _PORT.items():
+        o = getattr(p, stage)
+        v = _opnd(o, env, inp, idx) if o is not None else np.full(shape, IDENTITY[port], F32)
+        words[port] = _bits(np.broadcast_to(v, shape))
+    words["mask"] = (env.mask[:, :p.length] if p.mask else np.ones(shape, bool)).astype(np.uint32)
+    lo, hi = p.clip or (0.0, 0.0)
+    cfg = {"cvt_int8": int(int8), "exp": int(p.exp), "exp_neg": int(p.exp_neg), "mask": int(p.mask and p.exp),
+           "div_num": int(p.div_num), "div_safe": int(p.div_safe), "rnd": int(bool(p.rnd)),
+           "rnd_ceil": int(p.rnd == "ceil"), "clip": int(p.clip is not None), "out": OUT_CODE[p.out_int],
+           "lo": int(_bits([lo])[0]), "hi": int(_bits([hi])[0])}
+    return cfg, words

@@ -111,6 +111,9 @@ F32 = np.float32
 EXP_T_FRAC, EXP_LOG2E_FRAC, EXP_A_FRAC, EXP_TABLE_FRAC = 26, 32, 36, 30
 EXP_J_BITS = 8
 EXP_R_BITS = EXP_T_FRAC - EXP_J_BITS
+#: a's bits dropped before squaring (its top 18 bits: one DSP) and T's bits dropped
+#: before the product with d (a 27-bit multiplier operand)
+EXP_H_SHIFT, EXP_T_SHIFT = 10, 4
 EXP_BIG_E = 127 + 7
 EXP_LOG2E = round(1.4426950408889634 * 2 ** EXP_LOG2E_FRAC)
 EXP_LN2 = round(0.6931471805599453 * 2 ** EXP_R_BITS)
@@ -249,10 +252,10 @@ def exp(x: np.ndarray) -> np.ndarray:
     j = (t >> EXP_R_BITS) & ((1 << EXP_J_BITS) - 1)
     # a = r ln 2 (r: the low EXP_R_BITS of t), then d = a + a^2 / 2, EXP_A_FRAC fraction bits
     a = ((t & ((1 << EXP_R_BITS) - 1)) * EXP_LN2) >> (EXP_T_FRAC + EXP_R_BITS - EXP_A_FRAC)
-    h = a >> 10                                              # a's top 18 bits: one DSP's square
-    d = a + ((h * h) >> (2 * (EXP_A_FRAC - 10) - EXP_A_FRAC + 1))
+    h = a >> EXP_H_SHIFT
+    d = a + ((h * h) >> (2 * (EXP_A_FRAC - EXP_H_SHIFT) - EXP_A_FRAC + 1))
     T = EXP_TABLE[j]                                         # 2^(j/256), EXP_TABLE_FRAC fraction bits
-    M = T + (((T >> 4) * d) >> (EXP_TABLE_FRAC - 4 + EXP_A_FRAC - EXP_TABLE_FRAC))
+    M = T + (((T >> EXP_T_SHIFT) * d) >> (EXP_TABLE_FRAC - EXP_T_SHIFT + EXP_A_FRAC - EXP_TABLE_FRAC))
     cut = EXP_TABLE_FRAC - 23                                # to 24 significant bits, half to even
     sig = M >> cut
     rem = M & ((1 << cut) - 1)
