@@ -3,8 +3,8 @@
 For each preset: its bytes per parameter and bits per weight of the layers; the
 float32 reference on the artifact's dequantized weights (what the compression alone
 costs); and the golden model running the artifact's programs (compression plus the
-hardware numerics: INT8 activations with per-group factors, INT8 KV cache, float32 SFU
-with fixed-order reductions). Same protocol as ``flightllm perplexity`` (whole text
+hardware numerics: INT8 activations with per-group factors, INT8 KV cache, INT8 attention
+probabilities, the SFU's float32 arithmetic with fixed-order reductions and fixed-point exp). Same protocol as ``flightllm perplexity`` (whole text
 tokenized without BOS, non-overlapping windows, every token but the first of each
 window scored), all against the float32 reference of the GGUF's own weights.
 
@@ -96,7 +96,8 @@ def markdown(r) -> str:
                      f"{100 * (p['float_packed_ppl'] / f - 1):+.2f}% | {p['golden_ppl']:.3f} | "
                      f"{100 * (p['golden_ppl'] / f - 1):+.2f}% |")
     lines += ["", "The gap between the two columns of a preset is the cost of the hardware numerics alone "
-              "(INT8 activations with an 8-bit factor per group, INT8 KV cache, float32 SFU); "
+              "(INT8 activations with an 8-bit factor per group, INT8 KV cache, INT8 attention probabilities, "
+              "the SFU's float32 arithmetic); "
               "`docs/numerics.md` measures each source alone.",
               f"Wall time: float reference {r['float_seconds']:.1f} s; golden "
               + ", ".join(f"{p['preset']} {p['golden_seconds']:.0f} s" for p in r["rows"]) + ".", ""]

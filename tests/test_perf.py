@@ -4,6 +4,8 @@ import json
 
 from flightllm.cli import main
 
+from conftest import write_tiny_gguf
+
 
 def test_perf_json_llama2(capsys):
     assert main(["perf", "--positions", "1,512,4096", "--prompts", "128", "--json"]) == 0
@@ -40,3 +42,7 @@ def test_perf_bad_input(capsys, tmp_path):
     bad.write_bytes(b"not a gguf")
     assert main(["perf", "--model", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+    gpt2 = write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    assert main(["perf", "--model", str(gpt2)]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2" in err and err.count("\n") == 1, err
