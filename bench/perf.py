@@ -26,7 +26,7 @@ HW = ("u280", "vhk158")
 POSITIONS = (1, 128, 256, 512, 1024, 2048, 3072, 4096)
 PROMPTS = (128, 512)
 #: (label, kv, sink, window): the KV cache options, modelled at the longest position
-OPTIONS = (("INT8, dense", "int8", 0, 0), ("INT4, dense", "int4", 0, 0),
+OPTIONS = (("INT8, dense", "int8", 0, 0), ("INT4, dense", "int4", 0, 0), ("INT8 keys, INT4 values", "k8v4", 0, 0),
            ("INT8, 1 sink + 16 window blocks", "int8", 1, 16), ("INT8, 1 sink + 8 window blocks", "int8", 1, 8),
            ("INT4, 1 sink + 8 window blocks", "int4", 1, 8))
 TARGET = 0.85

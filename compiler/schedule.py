@@ -101,8 +101,10 @@ def rope_table(head_dim: int, max_seq: int, theta: float) -> np.ndarray:
     return np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
 
 
-#: the KV cache options a compile chooses from (``flightllm compile --kv``)
-KV_FORMATS = {"int8": "int8r/32", "int4": "int4r/32"}
+#: the KV cache options a compile chooses from (``flightllm compile --kv``): (K, V) formats.
+#: k8v4 keeps the keys in 8 bits: their outlier channels cost SmolLM2 +43% perplexity in
+#: 4 bits per (position, head), the values' 4 bits +0.6% (docs/kv_quality.md)
+KV_FORMATS = {"int8": ("int8r/32", "int8r/32"), "int4": ("int4r/32", "int4r/32"), "k8v4": ("int8r/32", "int4r/32")}
 #: query heads' QK ahead of the PV that waits for their SOFTMAX (software pipelining)
 ATTN_LAG = 2
 
@@ -130,10 +132,12 @@ class Plan:
     kv_channel_bytes: int
     sink: int = 0
     window: int = 0
+    kv_format_v: str = ""                   #: the values' format if not ``kv_format``
 
     def layout(self, params: HwParams) -> KvLayout:
         return KvLayout(self.layers, self.kv_heads, self.head_dim, self.max_seq,
-                        WeightFormat.parse(self.kv_format), params, self.kv_base)
+                        WeightFormat.parse(self.kv_format), params, self.kv_base,
+                        WeightFormat.parse(self.kv_format_v or self.kv_format))
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -176,14 +180,15 @@ def plan_from_manifest(m: dict, kv: str | None = None, sink: int | None = None,
                             "(the KV cache's group)")
     base = align(_weights_end(m))
     try:
-        lay = KvLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, max_seq, WeightFormat.parse(KV_FORMATS[kv]),
-                       p, base)
+        fk, fv = (WeightFormat.parse(f) for f in KV_FORMATS[kv])
+        lay = KvLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, max_seq, fk, p, base, fv)
     except ValueError as e:
         raise ScheduleError(str(e)) from None
     row = lay.scale_row_bytes
     return Plan(max_seq=max_seq, chunk=p.mm_tokens, kv_row_bytes=row, kv_bytes=lay.scale_bytes,
                 vocab=cfg.vocab, out_row_bytes=4 * cfg.vocab, layers=cfg.n_layers, heads=cfg.n_heads,
                 kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, kv_format=lay.fmt.name, kv_base=base,
+                kv_format_v=lay.fmt_v.name if lay.fmt_v != lay.fmt else "",
                 kv_channel_bytes=lay.channel_bytes, sink=sink, window=window)
 
 
@@ -296,12 +301,12 @@ class _Builder:
             # K and V first: their stores run while q streams (the QK fetch needs them in HBM)
             self.sfu(Opcode.ROPE, Buf.K, Buf.K, c.kv_dim, seg=hd, aux_reg=Reg.CPOS, table=rope)
             # to the cache format's levels: +-127 (INT8) or +-7 (INT4)
-            self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd, imm=float(lay.fmt.qmax))
-            self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd, imm=float(lay.fmt.qmax))
+            self.sfu(Opcode.QUANT, Buf.K, Buf.KQ, c.kv_dim, seg=hd, imm=float(lay.fmt_of(K).qmax))
+            self.sfu(Opcode.QUANT, Buf.V, Buf.VQ, c.kv_dim, seg=hd, imm=float(lay.fmt_of(V).qmax))
             for kind, buf in ((K, Buf.KQ), (V, Buf.VQ)):
                 off = lay.head_offset(i, kind, 0)
                 self.emit(Opcode.ST_KT, [buf], [("KVT", i, kind)], src=buf, rows_reg=Reg.CLEN, pos_reg=Reg.CPOS,
-                          kind=kind, bits=lay.fmt.bits, kv_heads=nkv, head_dim=hd, cap=pl.max_seq,
+                          kind=kind, bits=lay.fmt_of(kind).bits, kv_heads=nkv, head_dim=hd, cap=pl.max_seq,
                           kv_off=off // ALIGN, head_stride=lay.head_bytes(kind) // ALIGN)
                 self.emit(Opcode.ST_KV, [buf], [("KVS", i, kind)], buf=buf, space=Space.KV, rows_reg=Reg.CLEN,
                           row_bytes=pl.kv_row_bytes, preg=Reg.CPOS, pmul=pl.kv_row_bytes,
@@ -316,11 +321,11 @@ class _Builder:
             rep = nh // nkv
             span = dict(rows_reg=Reg.CLEN, len_reg=Reg.CPOS, len_add=1, rep=rep, cap=pl.max_seq,
                         sink=pl.sink, window=pl.window)
-            kvf = dict(head_dim=hd, bits=lay.fmt.bits, **span)
+            kvf = {kind: dict(head_dim=hd, bits=lay.fmt_of(kind).bits, **span) for kind in (K, V)}
 
             def qk(g):
                 self.emit(Opcode.QK, [Buf.QQ, Buf.KS, ("KVT", i, K)], [(Buf.S, g)], src=Buf.QQ, dst=Buf.S,
-                          aux=Buf.KS, kvh=g, kv_off=lay.head_offset(i, K, g) // ALIGN, **kvf)
+                          aux=Buf.KS, kvh=g, kv_off=lay.head_offset(i, K, g) // ALIGN, **kvf[K])
             for g in range(min(ATTN_LAG, nkv)):
                 qk(g)
             for g in range(nkv):
@@ -329,7 +334,7 @@ class _Builder:
                 if g + ATTN_LAG < nkv:
                     qk(g + ATTN_LAG)
                 self.emit(Opcode.PV, [(Buf.PQ, g), ("KVT", i, V)], [(Buf.A, g)], src=Buf.PQ, dst=Buf.A,
-                          kvh=g, kv_off=lay.head_offset(i, V, g) // ALIGN, **kvf)
+                          kvh=g, kv_off=lay.head_offset(i, V, g) // ALIGN, **kvf[V])
             self.quant_for(Buf.A, c.hidden, L + "attn_output.weight")
             self.matmul(L + "attn_output.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)

@@ -60,11 +60,14 @@ class KvLayout:
     cap : int
         Positions the cache holds (the programs' ``max_seq``).
     fmt : WeightFormat
-        ``int8r/32`` or ``int4r/32``.
+        ``int8r/32`` or ``int4r/32``: the keys' format, and the values' unless ``fmt_v``.
     params : HwParams
         The build (chains, weight channels, chain length).
     base : int
         Byte offset of the cache in every weight channel (after the weights).
+    fmt_v : WeightFormat, optional
+        The values' format when it differs from the keys' (INT8 K with INT4 V: keys
+        carry outlier channels that 4 bits per (position, head) cannot hold, values do not).
     """
 
     layers: int
@@ -74,13 +77,16 @@ class KvLayout:
     fmt: WeightFormat
     params: object
     base: int = 0
+    fmt_v: WeightFormat | None = None
 
     def __post_init__(self):
-        f = self.fmt
-        if not isinstance(f, WeightFormat) or not f.raw or f.group_size != KV_GROUP:
-            raise ValueError(f"KV cache format must be a raw format with groups of {KV_GROUP} "
-                             f"(int8r/32, int4r/32), not {getattr(f, 'name', f)!r}")
-        self.params.check_kv_format(f)
+        if self.fmt_v is None:
+            object.__setattr__(self, "fmt_v", self.fmt)     # frozen: set once, here
+        for f in (self.fmt, self.fmt_v):
+            if not isinstance(f, WeightFormat) or not f.raw or f.group_size != KV_GROUP:
+                raise ValueError(f"KV cache format must be a raw format with groups of {KV_GROUP} "
+                                 f"(int8r/32, int4r/32), not {getattr(f, 'name', f)!r}")
+            self.params.check_kv_format(f)
         if self.head_dim % KV_GROUP or self.cap % KV_GROUP:
             raise ValueError(f"KV cache: head_dim {self.head_dim} and capacity {self.cap} must be "
                              f"multiples of {KV_GROUP}")
@@ -88,13 +94,16 @@ class KvLayout:
             raise ValueError(f"KV cache: base {self.base} is not a multiple of {ALIGN}")
 
     # -- geometry ---------------------------------------------------------------
+    def fmt_of(self, kind: int) -> WeightFormat:
+        return self.fmt if kind == K else self.fmt_v
+
     def shape(self, kind: int) -> tuple:
         """(rows, columns) of one head's tensor: K (cap, head_dim), V (head_dim, cap)."""
         return (self.cap, self.head_dim) if kind == K else (self.head_dim, self.cap)
 
     def head_bytes(self, kind: int) -> int:
         """Bytes of one head's region in every channel (aligned)."""
-        return align(region_bytes(self.fmt, self.shape(kind), self.params))
+        return align(region_bytes(self.fmt_of(kind), self.shape(kind), self.params))
 
     @property
     def layer_bytes(self) -> int:
@@ -135,7 +144,7 @@ class KvLayout:
             recs = np.unique(pos // p.chains).size * (self.head_dim // KV_GROUP)
         else:
             recs = -(-self.head_dim // p.chains) * np.unique(pos // KV_GROUP).size
-        return recs, recs * region_bytes(self.fmt, (p.chains, KV_GROUP), p)
+        return recs, recs * region_bytes(self.fmt_of(kind), (p.chains, KV_GROUP), p)
 
     # -- scales -------------------------------------------------------------------
     @property
@@ -154,7 +163,7 @@ class KvLayout:
     def _where(self, kind, pos, d):
         """(channel, bit offset in the head region) of values at positions ``pos``, elements ``d``."""
         rows, cols = (pos, d) if kind == K else (d, pos)
-        return value_bits(self.fmt, self.shape(kind), self.params, rows, cols)
+        return value_bits(self.fmt_of(kind), self.shape(kind), self.params, rows, cols)
 
     def write(self, channels, layer: int, kind: int, pos0: int, values: np.ndarray) -> int:
         """Store ``values`` (T, kv_heads, head_dim) int8 as positions ``pos0 ..`` of
@@ -166,10 +175,10 @@ class KvLayout:
             raise ValueError(f"KV write: values {v.shape}, expected (T, {self.kv_heads}, {self.head_dim})")
         if pos0 < 0 or pos0 + t > self.cap:
             raise ValueError(f"KV write: positions {pos0}..{pos0 + t - 1} beyond the cache ({self.cap})")
-        bits = self.fmt.bits
-        lo, hi = self.fmt.qmin, self.fmt.qmax
+        f = self.fmt_of(kind)
+        bits, lo, hi = f.bits, f.qmin, f.qmax
         if v.size and (v.min() < lo or v.max() > hi):
-            raise ValueError(f"KV write: a value lies outside [{lo}, {hi}] of {self.fmt.name}")
+            raise ValueError(f"KV write: a value lies outside [{lo}, {hi}] of {f.name}")
         ch, bit = self._positions(kind, pos0, t)
         for g in range(self.kv_heads):
             off = 8 * self.head_offset(layer, kind, g)
@@ -208,7 +217,7 @@ class KvLayout:
         ch, bit = self._where(kind, pos, d)
         bit = bit + 8 * self.head_offset(layer, kind, g)
         out = np.zeros((length, self.head_dim), np.int64)
-        bits = self.fmt.bits
+        bits = self.fmt_of(kind).bits
         for c in np.unique(ch):
             m = ch == c
             img = np.asarray(channels[c])

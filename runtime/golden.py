@@ -257,7 +257,8 @@ class Golden:
         self.kvl = None                      # a plan without a KV cache: no attention operations
         if "kv_format" in pl:
             self.kvl = KvLayout(pl["layers"], pl["kv_heads"], pl["head_dim"], pl["max_seq"],
-                                WeightFormat.parse(pl["kv_format"]), params, pl["kv_base"])
+                                WeightFormat.parse(pl["kv_format"]), params, pl["kv_base"],
+                                WeightFormat.parse(pl.get("kv_format_v") or pl["kv_format"]))
         self.channels = None
         if functional:
             # weight HBM: the images, then the KV cache's values (written by ST_KT)
@@ -577,11 +578,12 @@ class Golden:
         return False
 
     # -- attention ------------------------------------------------------------------
-    def _kv_check(self, i, ins, bits, head_dim, cap):
+    def _kv_check(self, i, ins, kind, bits, head_dim, cap):
         kv = self.kvl
-        if (bits, head_dim, cap) != (kv.fmt.bits, kv.head_dim, kv.cap):
+        f = kv.fmt_of(kind)
+        if (bits, head_dim, cap) != (f.bits, kv.head_dim, kv.cap):
             raise GoldenError(f"instruction {i} ({ins.op.name}): KV fields (bits {bits}, head_dim {head_dim}, "
-                              f"cap {cap}) do not match the cache ({kv.fmt.name}, head_dim {kv.head_dim}, "
+                              f"cap {cap}) do not match the cache ({f.name}, head_dim {kv.head_dim}, "
                               f"cap {kv.cap})")
 
     def _kv_values(self, off, kind):
@@ -598,7 +600,7 @@ class Golden:
             raise GoldenError(f"instruction {i} (ST_KT): the plan has no KV cache")
         src, rr, preg = f.get("src", 0), f.get("rows_reg", 0), f.get("pos_reg", 0)
         kind, nkv, hd = f.get("kind", 0), f.get("kv_heads", 0), f.get("head_dim", 0)
-        self._kv_check(i, ins, f.get("bits", 0), hd, f.get("cap", 0))
+        self._kv_check(i, ins, kind, f.get("bits", 0), hd, f.get("cap", 0))
         if nkv != kv.kv_heads:
             raise GoldenError(f"instruction {i} (ST_KT): kv_heads {nkv} != the cache's {kv.kv_heads}")
         offs = [ALIGN * (f.get("kv_off", 0) + g * f.get("head_stride", 0)) for g in range(nkv)]
@@ -628,7 +630,7 @@ class Golden:
                         m[pos0:pos0 + rows] = vals[:, g]
             else:
                 beats = kv.write_beats(kind, pos0, rows)
-            self._stats.kv_bytes += rows * nkv * hd * kv.fmt.bits // 8
+            self._stats.kv_bytes += rows * nkv * hd * kv.fmt_of(kind).bits // 8
             return 0, beats * port / self.ch_bpc
         return h, (src,), tuple(("KVT", o) for o in offs)
 
@@ -651,8 +653,8 @@ class Golden:
         macs, mm_tokens, lanes = p.macs, p.mm_tokens, p.sfu_lanes
         R = p.chains
         if op != _SOFTMAX:
-            self._kv_check(i, ins, f.get("bits", 0), f.get("head_dim", 0), cap)
             kind = _KIND_K if op == _QK else 1
+            self._kv_check(i, ins, kind, f.get("bits", 0), f.get("head_dim", 0), cap)
             off = ALIGN * f.get("kv_off", 0)
             try:
                 where = kv.locate(off)

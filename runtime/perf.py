@@ -18,6 +18,7 @@ import numpy as np
 from ..compiler.gguf_import import ModelConfig
 from ..compiler.schedule import ScheduleError, build_programs, check_buffers, plan_from_manifest, shape_manifest
 from ..hw.params import get_preset
+from ..hw.kvcache import K, V
 from .golden import Golden
 from .sfu import attention_mask
 from .timing import Timing, mpe_latency, timing_for
@@ -75,7 +76,7 @@ def perf(model: str = "llama2-7b", hw: str = "u280", preset: str = "w4", positio
     weights = sum(t["region_bytes"] for n, t in m["tensors"].items() if n != "token_embd.weight") \
         * params.weight_channels
     row_bytes = m["tensors"]["token_embd.weight"]["region_bytes"] * params.weight_channels // cfg.vocab
-    kv_row = 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim * lay.fmt.bits // 8 + 4)
+    kv_row = cfg.n_layers * cfg.n_kv_heads * sum(cfg.head_dim * lay.fmt_of(k).bits // 8 + 4 for k in (K, V))
     rows = []
     for pos in positions:
         st = g.run(progs["decode"], {"POS": pos - 1, "LEN": 1})      # the token at pos-1 attends pos positions
@@ -92,7 +93,7 @@ def perf(model: str = "llama2-7b", hw: str = "u280", preset: str = "w4", positio
         st = g.run(progs["prefill"], {"POS": 0, "LEN": n})
         pre.append({"tokens": n, "cycles": st.cycles, "prefill_tok_s": n / (st.cycles / clock)})
     lat, src = mpe_latency(params.name)
-    return {"model": cfg.name, "hw": hw, "preset": preset, "layer_format": layer_fmt, "kv": lay.fmt.name,
+    return {"model": cfg.name, "hw": hw, "preset": preset, "layer_format": layer_fmt, "kv": lay.fmt.name if lay.fmt_v == lay.fmt else f"K {lay.fmt.name}, V {lay.fmt_v.name}",
             "sink": sink, "window": window, "clock_mhz": params.clock_mhz, "peak_hbm_gbps": peak / 1e9,
             "timing": {**tm.__dict__, "mpe_latency_source": src},
             "weights_bytes": weights, "positions": rows, "prefill": pre}
@@ -135,8 +136,8 @@ def add_kv_args(p) -> None:
     from .sfu import KV_BLOCK
 
     p.add_argument("--kv", default="int8", choices=sorted(KV_FORMATS),
-                   help="KV cache format, per (position, head) group of 32 values with a float32 scale "
-                        "(default int8)")
+                   help="KV cache values, one float32 scale per (position, head): int8, int4, or k8v4 "
+                        "(INT8 keys, INT4 values) (default int8)")
     p.add_argument("--window", type=int, default=0, metavar="BLOCKS",
                    help=f"block-sparse attention: attend only the last BLOCKS blocks of {KV_BLOCK} positions "
                         "up to the query's own (default 0: dense)")

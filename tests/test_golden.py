@@ -478,10 +478,13 @@ def test_kv_options_int4_and_block_sparse(tiny_art, tmp_path):
     and held to the float reference that attends the same positions."""
     gguf = write_tiny_gguf(tmp_path / "long.gguf", context=256)
     arts = {}
-    for name, kw in (("int8", {}), ("int4", {"kv": "int4"}), ("sparse", {"sink": 1, "window": 1})):
+    for name, kw in (("int8", {}), ("int4", {"kv": "int4"}), ("k8v4", {"kv": "k8v4"}),
+                     ("sparse", {"sink": 1, "window": 1})):
         compile_model(gguf, tmp_path / name, "w8", get_preset("sim"), calib_text=CALIB, progress=False, **kw)
         arts[name] = tmp_path / name
     assert Driver(arts["int4"]).dev.plan["kv_format"] == "int4r/32"
+    plan = Driver(arts["k8v4"]).dev.plan
+    assert (plan["kv_format"], plan["kv_format_v"]) == ("int8r/32", "int4r/32")
     toks = list(np.random.default_rng(1).integers(3, 120, 150))
     out = {n: Driver(a).prefill(toks, all_logits=True) for n, a in arts.items()}
     a = Artifact(arts["int8"])
@@ -504,3 +507,6 @@ def test_kv_options_int4_and_block_sparse(tiny_art, tmp_path):
     ref4 = FloatLlama(m, kv_levels=7).forward(toks)
     e4, e4_ref4, e8 = (np.abs(out[n] - r).mean() for n, r in (("int4", ref), ("int4", ref4), ("int8", ref)))
     assert e8 < e4 and e4_ref4 < 0.6 * e4, (e8, e4, e4_ref4)
+    # INT8 keys with INT4 values: between the two
+    e84 = np.abs(out["k8v4"] - ref).mean()
+    assert e8 < e84 < e4, (e8, e84, e4)
