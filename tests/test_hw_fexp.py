@@ -13,15 +13,14 @@ runtime/sfu.py, used only to choose inputs: the expected values always come from
 """
 
 import os
-import random
 import time
 
 import numpy as np
 import pytest
 from amaranth.back import rtlil
-from amaranth.sim import Simulator
 
 from flightllm.hw.fexp import FExp
+from flightllm.sim.pipeline import simulate_pipeline
 from flightllm.runtime import sfu
 from flightllm.runtime.sfu import EXP_LN2, EXP_LOG2E, EXP_TABLE
 
@@ -86,41 +85,8 @@ def edge_inputs(rng):
 def simulate(xs, seed=0, bubble=0.3):
     """Run FExp on ``xs`` (float32) with random bubbles; returns the output bit patterns
     in order (fails on any ``o_valid`` in a wrong cycle or a missing result)."""
-    dut = FExp()
-    lat = dut.latency
     bits = np.ascontiguousarray(xs, F32).view(np.uint32)
-    rnd = random.Random(seed)
-    issue, cyc = [], 0                               # the cycle of each input
-    for _ in range(len(bits)):
-        while rnd.random() < bubble:
-            cyc += 1
-        issue.append(cyc)
-        cyc += 1
-    by_cycle = dict(zip(issue, bits.tolist()))
-    expect_out = {c + lat for c in issue}
-    n_cycles = cyc + lat + 8                          # fixed bound: a hung design fails
-    got, wrong_valid = [], []
-
-    async def bench(ctx):
-        for n in range(n_cycles):
-            b = by_cycle.get(n)
-            ctx.set(dut.i_valid, b is not None)
-            ctx.set(dut.x, rnd.getrandbits(32) if b is None else b)       # bubbles carry garbage
-            if ctx.get(dut.o_valid):
-                got.append(ctx.get(dut.y))
-                if n not in expect_out:
-                    wrong_valid.append(n)
-            elif n in expect_out:
-                wrong_valid.append(n)
-            await ctx.tick()
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
-    assert not wrong_valid, f"o_valid wrong (missing or extra) in cycles {wrong_valid[:10]}"
-    assert len(got) == len(bits)
-    return np.array(got, np.uint32)
+    return np.array(simulate_pipeline(FExp(), {"x": bits}, bubble=bubble, seed=seed)["y"], np.uint32)
 
 
 def check(xs, ys):

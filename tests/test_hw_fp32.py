@@ -27,11 +27,10 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from amaranth.hdl import Shape
-from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
 from flightllm.hw.fp32 import F2I, FAdd, FCmp, FDiv, FMul, FRound, FSqrt, I2F
+from flightllm.sim.pipeline import simulate_pipeline
 
 SWEEP_OPS = 2_000_000
 
@@ -353,55 +352,6 @@ def check(name, ops, got, want):
 
 
 # -- amaranth.sim drivers ---------------------------------------------------------------
-
-def ports(dut):
-    m = dut.signature.members
-    data = lambda flow: [(n, Shape.cast(m[n].shape)) for n in m
-                         if (m[n].flow == Out) == flow and n not in ("i_valid", "i_ready", "o_valid", "o_ready")]
-    return data(False), data(True)
-
-
-def garbage(rnd, shape):
-    v = rnd.getrandbits(shape.width)
-    return v - (1 << shape.width) if shape.signed and v >> (shape.width - 1) else v
-
-
-def simulate_pipeline(dut, ops, bubble=0.3, seed=0):
-    """Issue ``ops`` one a cycle with random bubbles (garbage on the data ports); every
-    ``o_valid`` must come exactly ``latency`` cycles after its operation's issue."""
-    ins, outs = ports(dut)
-    n = len(ops[ins[0][0]])
-    rnd = random.Random(seed)
-    issue, cyc = [], 0
-    for _ in range(n):
-        while rnd.random() < bubble:
-            cyc += 1
-        issue.append(cyc)
-        cyc += 1
-    issued = dict(zip(issue, range(n)))
-    cols = {name: [int(v) for v in ops[name]] for name, _ in ins}
-    got = {name: [] for name, _ in outs}
-    seen = []
-
-    async def bench(ctx):
-        for c in range(issue[-1] + dut.latency + 3):        # bounded: a hung unit fails below
-            i = issued.get(c)
-            ctx.set(dut.i_valid, i is not None)
-            for name, shape in ins:
-                ctx.set(getattr(dut, name), cols[name][i] if i is not None else garbage(rnd, shape))
-            if ctx.get(dut.o_valid):
-                seen.append(c)
-                for name, _ in outs:
-                    got[name].append(ctx.get(getattr(dut, name)))
-            await ctx.tick()
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(bench)
-    sim.run()
-    assert seen == [c + dut.latency for c in issue], "o_valid not exactly `latency` cycles after each operation"
-    return got
-
 
 def simulate_handshake(dut, ops, gap=0.3, stall=0.4, seed=0):
     """FSqrt: ``i_valid`` after random gaps, held until accepted (garbage while low);

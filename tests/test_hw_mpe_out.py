@@ -3,10 +3,10 @@
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from flightllm.hw.mpe_out import MpeOutLane, pow2_bits
 from flightllm.runtime import sfu
+from flightllm.sim.pipeline import simulate_pipeline
 
 F32 = np.float32
 
@@ -15,35 +15,10 @@ def bits(v):
     return int(np.array(v, F32).view(np.uint32))
 
 
-def run(lane, items, rng):
+def run(lane, items):
     """items: (acc, s1_bits, s2_bits) -> output bits, with random bubbles and the latency checked."""
-    sim = Simulator(lane)
-    sim.add_clock(1e-8)
-    out, sent = [], {}
-
-    async def bench(ctx):
-        k = t = 0
-        while len(out) < len(items):
-            assert t < 3 * len(items) + lane.latency + 50, "hung"
-            if k < len(items) and rng.random() < 0.7:
-                acc, s1, s2 = items[k]
-                ctx.set(lane.acc, acc)
-                ctx.set(lane.s1, s1)
-                ctx.set(lane.s2, s2)
-                ctx.set(lane.i_valid, 1)
-                sent[t] = k
-                k += 1
-            else:
-                ctx.set(lane.i_valid, 0)
-            if ctx.get(lane.o_valid):
-                assert sent.get(t - lane.latency) == len(out), "latency"
-                out.append(ctx.get(lane.y))
-            await ctx.tick()
-            t += 1
-
-    sim.add_testbench(bench)
-    sim.run()
-    return out
+    acc, s1, s2 = zip(*items)
+    return simulate_pipeline(lane, {"acc": acc, "s1": s1, "s2": s2}, seed=len(items))["y"]
 
 
 def test_pow2_bits_is_ldexp():
@@ -73,12 +48,12 @@ def test_mv_pv_and_qk_conversions():
     lane = MpeOutLane(64)
     # MV/MM: the sequencer's s1 = A * 2^-shift on an FMul = float32(ldexp(A, -shift))
     s1 = np.array([np.ldexp(a, -int(s)) for a, s in zip(A, shift)], F32)
-    got = run(lane, [(int(a), bits(s), bits(1.0)) for a, s in zip(acc, s1)], rng)
+    got = run(lane, [(int(a), bits(s), bits(1.0)) for a, s in zip(acc, s1)])
     want = [sfu.mpe_to_float(np.array([[a]], np.int64), np.array([x], F32), int(s))[0, 0]
             for a, x, s in zip(acc, A, shift)]
     assert got == [bits(w) if not np.isnan(w) else got[i] for i, w in enumerate(want)]
     # QK: (float32(acc) * q_scale) * k_scale
-    got = run(lane, [(int(a), bits(q), bits(k)) for a, q, k in zip(acc, A, ks)], rng)
+    got = run(lane, [(int(a), bits(q), bits(k)) for a, q, k in zip(acc, A, ks)])
     for i, (a, q, k) in enumerate(zip(acc, A, ks)):
         with np.errstate(invalid="ignore"):
             w = sfu.qk_scores(np.array([[[a]]]), np.array([[q]]), np.array([k]))[0, 0, 0]

@@ -9,11 +9,11 @@ pass output bit for bit (any NaN for a NaN) exactly ``latency`` cycles after its
 
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from flightllm.hw.sfu_lane import LaneConfig, SfuLane
 from flightllm.hw.sfu_program import Env, Pass, _pass, lane_words, program
 from flightllm.runtime import sfu
+from flightllm.sim.pipeline import simulate_pipeline
 
 F32 = np.float32
 
@@ -38,49 +38,25 @@ def cases(rng):
     ]
 
 
-def check(lane, passes, rng, p_bubble=0.3):
-    """Drive ``passes`` = [(cfg, words, want)] back to back; compare every output."""
-    sim = Simulator(lane)
-    sim.add_clock(1e-8)
-    feed = []
-    for cfg, words, want in passes:
+def check(lane, passes, seed, bubble=0.3):
+    """Drive ``passes`` = [(cfg, words, want)] back to back with random bubbles; compare
+    every output (the configuration changes while earlier passes are in flight)."""
+    cols = {}
+    for cfg, words, _ in passes:
         n = words["a"].size
-        for i in range(n):
-            feed.append((cfg, {k: int(v.reshape(-1)[i]) for k, v in words.items()},
-                         want.reshape(-1)[i]))
-    sent, got = {}, []                                  # input cycle -> feed index; outputs
-
-    async def bench(ctx):
-        k, t = 0, 0
-        limit = 4 * len(feed) + lane.latency + 100          # a hung lane fails, it does not hang
-        while len(got) < len(feed):
-            assert t < limit, f"only {len(got)} of {len(feed)} results after {t} cycles"
-            if k < len(feed) and rng.random() >= p_bubble:
-                cfg, w, _ = feed[k]
-                ctx.set(lane.cfg, LaneConfig.const(cfg))
-                for name, v in w.items():
-                    ctx.set(lane.i_mask if name == "mask" else getattr(lane, name), v)
-                ctx.set(lane.i_valid, 1)
-                sent[t] = k
-                k += 1
-            else:
-                ctx.set(lane.i_valid, 0)
-            if ctx.get(lane.o_valid):
-                got.append((sent.get(t - lane.latency), ctx.get(lane.o)))
-            await ctx.tick()
-            t += 1
-
-    sim.add_testbench(bench)
-    sim.run()
-    for i, (k, o) in enumerate(got):
-        assert k == i, f"result {i} came {'early' if k is None else 'for input %d' % k}: latency is not {lane.latency}"
-        cfg, w, want = feed[i]
-        if want.dtype == F32:
-            ok = (np.isnan(want) and ((o >> 23) & 0xFF) == 0xFF and o & 0x7FFFFF) or \
-                o == int(np.array(want, F32).view(np.uint32))
+        cols.setdefault("cfg", []).extend([LaneConfig.const(cfg).as_bits()] * n)
+        for k, v in words.items():
+            cols.setdefault("i_mask" if k == "mask" else k, []).extend(v.reshape(-1).tolist())
+    got = simulate_pipeline(lane, cols, bubble=bubble, seed=seed)["o"]
+    want = [x for _, _, w in passes for x in w.reshape(-1)]
+    assert len(got) == len(want)
+    for i, (o, x) in enumerate(zip(got, want)):
+        if x.dtype == F32:
+            ok = (np.isnan(x) and ((o >> 23) & 0xFF) == 0xFF and o & 0x7FFFFF) or \
+                o == int(np.array(x, F32).view(np.uint32))
         else:
-            ok = o == int(np.array(want).astype(np.uint8))
-        assert ok, (i, w, hex(o), want)
+            ok = o == int(np.array(x).astype(np.uint8))
+        assert ok, (i, hex(o), x)
 
 
 @pytest.mark.parametrize("name", ["SILU_MUL", "RMSNORM", "ROPE", "QUANTG", "DEQUANT", "SOFTMAX"])
@@ -95,4 +71,4 @@ def test_lane_runs_every_pass_of(name):
             passes.append((cfg, words, _pass(s, env)))
         else:
             env.regs[s.dst] = np.sqrt(np.asarray(env.regs[s.src], F32))
-    check(SfuLane(), passes, rng)
+    check(SfuLane(), passes, seed=11)
