@@ -55,7 +55,9 @@ hardware (:func:`check_buffers`, sizes read from the instructions by
 :func:`buffer_sizes`): a buffer holds ``rows x width`` elements (``rows`` =
 ``mm_tokens`` in prefill, 1 in decode, ``max_seq`` for the KV scales; the score and
 probability buffers ``heads x max_seq`` per row) and every row must fit
-``params.act_buf_depth`` elements. A buffer that does not fit is a
+``params.act_buf_depth`` elements and the buffer's capacity in the RTL
+(:func:`flightllm.hw.buffers.capacity`, from the ``buf_*`` model envelope of the
+hardware parameters). A buffer that does not fit is a
 :class:`ScheduleError` naming the buffer and both sizes.
 """
 
@@ -68,6 +70,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from amaranth.lib import data
 
+from ..hw.buffers import capacity
 from ..hw.formats import ALIGN, WeightFormat, align, region_bytes
 from ..hw.isa import (NO_LIMIT, PER_HEAD, AttnFmt, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
                       encode_program)
@@ -501,11 +504,16 @@ def check_buffers(m: dict, progs: dict | None = None, plan: Plan | None = None) 
     if progs is None:
         progs = build_programs(m, check=False, plan=plan)
     sizes = buffer_sizes(progs, plan)
+    cap = capacity(p)
     for b, (rows, width) in sizes.items():
+        what = " (heads x max_seq scores)" if b in (Buf.S, Buf.PQ) else ""
         if width > p.act_buf_depth:
-            what = " (heads x max_seq scores)" if b in (Buf.S, Buf.PQ) else ""
             raise ScheduleError(f"on-chip buffer {b.name}: {rows} rows x {width} elements{what} per row exceed "
                                 f"act_buf_depth = {p.act_buf_depth} elements per row of hw {p.name!r}")
+        if rows > cap[b][0] or width > cap[b][1]:
+            raise ScheduleError(f"on-chip buffer {b.name}: {rows} rows x {width} elements{what} exceed its "
+                                f"{cap[b][0]} x {cap[b][1]} on hw {p.name!r} (the buf_* envelope of HwParams, "
+                                "hw/buffers.py)")
     return sizes
 
 

@@ -299,9 +299,9 @@ class SfuFmt(data.Struct):
     dst: Buf
     rows_reg: Reg           #: rows = R[rows_reg]
     n: unsigned(17)         #: elements per row (SOFTMAX: heads; ARGMAX: vocab)
-    seg: unsigned(10)       #: QUANT segment (0: whole row), QUANTG group, ROPE/SOFTMAX head_dim
-    aux_reg: Reg            #: ROPE: position register; SOFTMAX: length register
-    aux: signed(8)          #: SOFTMAX: length addend (row t: R[aux_reg] + aux + t)
+    seg: unsigned(10)       #: QUANT / DEQUANT segment (0: whole row), QUANTG group, ROPE head_dim
+    aux_reg: Reg            #: ROPE: position register (row t: R[aux_reg] + t)
+    aux: signed(8)          #: DEQUANT: 1 if the source holds QUANTG's result (seg: its group), else 0
     table: unsigned(24)     #: float32 element offset into the SFU tables
     imm: unsigned(32)       #: float32 bits: RMSNORM eps, FILL value; QUANT largest level (0: 127); SOFTMAX: stride
 

@@ -110,6 +110,15 @@ class HwParams:
         Depth, in ``hbm_port_bits`` words, of each weight channel's stream FIFO between
         the AXI read master and the dequant unit: how far weights and KV records stream
         ahead of compute (the ISA's overlap rule 2).
+    buf_hidden, buf_ffn, buf_vocab, buf_heads, buf_kv_heads, buf_tables : int
+        The model envelope the on-chip buffers are sized for (:func:`flightllm.hw.buffers.buffer_map`):
+        elements per row of the model-width buffers (residual, queries, keys, values,
+        attention output), of the FFN-width ones (gate, up, the int8 FFN input), of the
+        logits; query heads (score and probability rows hold ``buf_heads x max_seq_len``)
+        and kv heads (the KV scale buffers hold ``max_seq_len x buf_kv_heads``); float32
+        elements of the SFU tables (norm weights, the RoPE table). Every buffer holds
+        ``mm_tokens`` rows (the KV scales ``max_seq_len``). The compiler refuses a model
+        whose programs need more (:func:`flightllm.compiler.schedule.check_buffers`).
     mm_tokens : int
         Most activation vectors (tokens) one MM operation of the matrix engine takes:
         each weight beat is held for that many cycles, and every chain keeps that many
@@ -137,6 +146,12 @@ class HwParams:
     max_seq_len: int = 2048
     mm_tokens: int = 16
     stream_fifo_beats: int = 512
+    buf_hidden: int = 1024
+    buf_ffn: int = 4096
+    buf_vocab: int = 8192
+    buf_heads: int = 16
+    buf_kv_heads: int = 8
+    buf_tables: int = 65536
 
     def __post_init__(self):
         def need(cond, what):
@@ -145,7 +160,8 @@ class HwParams:
 
         for f in ("chains", "chain_len", "dsp_group", "weight_channels",
                   "kv_channels", "hbm_port_bits", "act_buf_depth", "kv_tile",
-                  "sfu_lanes", "sfu_acc_slots", "max_seq_len", "mm_tokens", "stream_fifo_beats"):
+                  "sfu_lanes", "sfu_acc_slots", "max_seq_len", "mm_tokens", "stream_fifo_beats",
+                  "buf_hidden", "buf_ffn", "buf_vocab", "buf_heads", "buf_kv_heads", "buf_tables"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0,
                  f"{f} must be a positive int, not {getattr(self, f)!r}")
         need(self.chain_len % self.dsp_group == 0,
@@ -235,6 +251,13 @@ class HwParams:
         return cls(**d)
 
 
+#: The on-chip buffers of the big presets hold LLaMA2-7B (hidden 4096, FFN 11008, 32 heads of
+#: 128, 4096 positions) and SmolLM2's 49152 logits: about 17 MiB of activations, scores and KV
+#: scales and 3.1 MiB of tables (norm weights and the RoPE table); the small presets' defaults
+#: hold the test models (and SmolLM2's layers, but not its logits).
+LLAMA2_7B_BUFFERS = dict(buf_hidden=4096, buf_ffn=11008, buf_vocab=49152, buf_heads=32, buf_kv_heads=32,
+                         buf_tables=4096 * 128 + 65 * 4096)
+
 PRESETS = {
     # Alveo U280: all 32 HBM pseudo-channels stream weights and the KV cache; the LD/ST
     # spaces (KV scales, logits) are interleaved over all of them too, so no channel
@@ -244,12 +267,12 @@ PRESETS = {
     "u280": HwParams(name="u280", clock_mhz=225.0, chains=128, chain_len=32, dsp_group=8,
                      weight_channels=32, kv_channels=32, hbm_port_bits=512,
                      hbm_channel_gbps=14.375, act_buf_depth=131072, kv_tile=64,
-                     sfu_lanes=32, max_seq_len=4096),
+                     sfu_lanes=32, max_seq_len=4096, **LLAMA2_7B_BUFFERS),
     # Versal HBM VHK158: 819 GB/s HBM2e in 64 pseudo-channels of ~12.8 GB/s.
     "vhk158": HwParams(name="vhk158", clock_mhz=300.0, chains=256, chain_len=32, dsp_group=8,
                        weight_channels=64, kv_channels=64, hbm_port_bits=512,
                        hbm_channel_gbps=12.8, act_buf_depth=131072, kv_tile=64,
-                       sfu_lanes=64, max_seq_len=4096),
+                       sfu_lanes=64, max_seq_len=4096, **LLAMA2_7B_BUFFERS),
     # Small enough to simulate in seconds under Verilator.
     "sim": HwParams(name="sim", clock_mhz=100.0, chains=4, chain_len=8, dsp_group=4,
                     weight_channels=2, kv_channels=1, hbm_port_bits=256,

@@ -67,7 +67,9 @@ Interfaces (streams: :mod:`amaranth.lib.stream`):
   row's index in word 0). A beat is issued only with a credit for its output FIFO entry,
   so the lanes never stall.
 * ``done`` (Out(1)): a pulse per operation, in order, when all its results are in the
-  output FIFO.
+  output FIFO; ``out_count`` (Out(16)): the ``out`` beats written into that FIFO so far
+  (wrapping, this cycle's included), so a consumer knows at ``done`` how many beats to
+  take before the operation's results have all left.
 
 Timing rules: ``cmd.ready`` is a register (the FSM state), ``rd.ready`` a constant,
 ``req`` and ``out`` leave FIFOs; the lanes and reductions never stall.
@@ -127,6 +129,7 @@ _PORTS = (("a", "inp"), ("b", "add1"), ("c", "mul1"), ("d", "add2"), ("d2", "add
           ("f", "mul2"), ("g", "mul3"))
 _TAPS = ("IN", "MUL1", "MASK", "MUL2")
 _TAP_STAGE = {"IN": "ADD1", "MUL1": "EXP", "MASK": "MUL2", "MUL2": "ADD2"}   # a tap is its stage's input
+OUT_COUNT_BITS = 16                     #: width of ``out_count`` (wraps)
 _WHOLE = 31                             #: log2(per) meaning "the whole row is one segment"
 _NEG_INF_KEY = 0x007FFFFF               #: order key of -inf
 
@@ -364,6 +367,7 @@ class SfuCore(wiring.Component):
     rd : In(stream of rd_layout)
     out : Out(stream of out_layout)
     done : Out(1)
+    out_count : Out(16)
     latency : int
         The lanes' latency.
     """
@@ -407,6 +411,7 @@ class SfuCore(wiring.Component):
             "rd": In(stream.Signature(rd_layout(params))),
             "out": Out(stream.Signature(out_layout(params))),
             "done": Out(1),
+            "out_count": Out(OUT_COUNT_BITS),
         })
 
     # -- helpers -------------------------------------------------------------------
@@ -872,13 +877,14 @@ class SfuCore(wiring.Component):
             with m.If(t_i == LS // 2 - 1):
                 m.d.sync += [t_act.eq(0), t_bank.eq(~t_bank)]
                 m.d.comb += [ready_clr.bit_select(t_bank, 1).eq(1), busy_clr.bit_select(t_bank, 1).eq(1)]
-        flat = Array(Mux(s < t_nb, acc[b][l][s], 0) for b in range(2) for l in range(L) for s in range(S))
+        flat = [Mux(s < t_nb, acc[b][l][s], 0) for b in range(2) for l in range(L) for s in range(S)]
+        # pairs (even, odd) indexed by every value of Cat(t_i, t_bank): a full case (no latch)
+        even, odd = Array(flat[0::2]), Array(flat[1::2])
         lv_v, lv_x, lv_meta = t_act, None, t_meta.as_value()
         for k in range(LS.bit_length() - 1):
             fa = m.submodules[f"tree_add{k}"] = FAdd()
             if k == 0:
-                m.d.comb += [fa.i_valid.eq(t_act), fa.a.eq(flat[Cat(Const(0, 1), t_i, t_bank)]),
-                             fa.b.eq(flat[Cat(Const(1, 1), t_i, t_bank)])]
+                m.d.comb += [fa.i_valid.eq(t_act), fa.a.eq(even[Cat(t_i, t_bank)]), fa.b.eq(odd[Cat(t_i, t_bank)])]
             else:
                 have, hold = Signal(name=f"tree_have{k}"), Signal(32, name=f"tree_hold{k}")
                 with m.If(lv_v):
@@ -1001,6 +1007,9 @@ class SfuCore(wiring.Component):
         m.d.comb += [ow.kind.eq(Mux(amW, ARGMAX, w_kind)), ow.row.eq(tagW.row), ow.beat.eq(tagW.beat),
                      ow.valid.eq(Mux(amW, 1, tagW.vmask)), ow.data.eq(Mux(amW, amW_idx, w_data.as_value())),
                      outf.w_data.eq(ow.as_value()), outf.w_en.eq((vW & w_outf) | amW)]
+        written = Signal(OUT_COUNT_BITS)
+        m.d.sync += written.eq(self.out_count)
+        m.d.comb += self.out_count.eq(written + outf.w_en)
 
         # -- write ports: one source at a time (the drains keep them apart) ----------------
         for wp, srcs in slot_w:

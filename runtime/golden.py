@@ -913,10 +913,17 @@ class Golden:
                 return 2 * rows * n / lanes
             return h, (src,), (dst,)
         if op == _DEQUANT:
+            seg, grouped = f.get("seg", 0), f.get("aux", 0)
+
             def h():
                 rows = regs[rr] if rr else 1
                 if fn:
                     q, s, u = self._i8(i, ins, src, rows)
+                    held = f"groups of {n // u.shape[1]}" if u is not None else f"segments of {n // s.shape[1]}"
+                    if (u is not None) != (grouped == 1) or (seg or n) != (n // (u.shape[1] if u is not None
+                                                                                   else s.shape[1])):
+                        raise GoldenError(f"instruction {i} (DEQUANT): seg {seg}, aux {grouped} do not describe "
+                                          f"buffer {Buf(src).name}, which holds {held}")
                     bufs[dst] = sfu.dequantize(q[:, :n], s, u)
                 return rows * n / lanes
             return h, (src,), (dst,)

@@ -20,10 +20,13 @@ import os
 import pathlib
 import sysconfig
 
-from flightllm.hw.build import TOP_NAME, build_verilog
+from dataclasses import dataclass
+from typing import Callable
+
+from flightllm.hw.build import TOP_NAME, _write_atomic, build_verilog
 from flightllm.hw.params import HwParams
 
-__all__ = ["VERILATOR_WAIVERS", "verilator_env", "build_dir", "build", "run"]
+__all__ = ["VERILATOR_WAIVERS", "verilator_env", "build_dir", "build", "run", "Design", "MPE", "SFU"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIM_BUILD = pathlib.Path(os.environ.get("FLIGHTLLM_SIM_BUILD", ROOT / "sim_build"))
@@ -81,17 +84,44 @@ def waiver_args() -> list[str]:
     return [f"-Wno-{w}" for w in VERILATOR_WAIVERS]
 
 
-RTL_SOURCES = ("params.py", "formats.py", "geometry.py", "dequant.py", "chain.py", "mpe.py", "build.py")
+@dataclass(frozen=True)
+class Design:
+    """A Verilated top: its module name, how to make it from the parameters, and the
+    sources whose edits must rebuild it (``hw/`` files, ``sim/`` files for test tops)."""
+    name: str
+    top: str
+    make: Callable
+    sources: tuple
 
 
-def build_dir(params: HwParams) -> pathlib.Path:
-    """``sim_build/<preset>-<hash>``: the hash covers the parameters and the RTL sources,
-    so an edited generator never reuses a stale simulator."""
+def _mpe(params):
+    from flightllm.hw.mpe import MatrixEngine
+    return MatrixEngine(params)
+
+
+def _sfu(params):
+    from flightllm.sim.sfu_top import SfuTestTop
+    return SfuTestTop(params)
+
+
+#: The matrix engine (what ``flightllm build-hw`` writes).
+MPE = Design("mpe", TOP_NAME, _mpe, ("hw/params.py", "hw/formats.py", "hw/geometry.py", "hw/dequant.py",
+                                     "hw/chain.py", "hw/mpe.py", "hw/build.py"))
+#: The SFU unit on the on-chip buffers, with stall gates (sim/sfu_top.py).
+SFU = Design("sfu", "flightllm_sfu", _sfu, ("hw/params.py", "hw/isa.py", "hw/geometry.py", "hw/fp32.py",
+                                             "hw/fexp.py", "hw/sfu_program.py", "hw/sfu_lane.py", "hw/sfu.py",
+                                             "hw/buffers.py", "hw/sfu_unit.py", "runtime/sfu.py",
+                                             "sim/sfu_top.py"))
+
+
+def build_dir(params: HwParams, design: Design = MPE) -> pathlib.Path:
+    """``sim_build/<preset>[-<design>]-<hash>``: the hash covers the parameters and the
+    design's sources, so an edited generator never reuses a stale simulator."""
     h = hashlib.sha256(params.to_json().encode())
-    hw = ROOT / "hw"
-    for name in RTL_SOURCES:
-        h.update((hw / name).read_bytes())
-    return SIM_BUILD / f"{params.name}-{h.hexdigest()[:10]}"
+    for name in design.sources:
+        h.update((ROOT / name).read_bytes())
+    tag = "" if design is MPE else f"-{design.name}"
+    return SIM_BUILD / f"{params.name}{tag}-{h.hexdigest()[:10]}"
 
 
 #: C++ optimisation of the Verilated model: the testbench's simulations are short (about a
@@ -122,8 +152,8 @@ def _runner():
     return LeanVerilator()
 
 
-def build(params: HwParams, waves: bool = False):
-    """Generate (once) and Verilate the MPE for ``params``; return (build dir, runner).
+def build(params: HwParams, waves: bool = False, design: Design = MPE):
+    """Generate (once) and Verilate ``design`` for ``params``; return (build dir, runner).
 
     ``waves``: the traced variant (FST or VCD), built only to record the waveform of a
     failing run (in ``<build dir>-waves``). The Verilog is regenerated only when the build
@@ -131,17 +161,21 @@ def build(params: HwParams, waves: bool = False):
     per test is cheap.
     """
     verilator_env()
-    bdir = build_dir(params)
-    vfile = bdir / f"{TOP_NAME}.v"
+    bdir = build_dir(params, design)
+    vfile = bdir / f"{design.top}.v"
     if not vfile.exists():
         bdir.mkdir(parents=True, exist_ok=True)
-        build_verilog(params, bdir)
+        if design is MPE:
+            build_verilog(params, bdir)
+        else:
+            from amaranth.back import verilog
+            _write_atomic(vfile, verilog.convert(design.make(params), name=design.top, emit_src=False))
     # a sibling, not a subdirectory: verilated.mk puts `..` on make's VPATH, so a nested
     # build would link the parent's (untraced) objects
     sdir = bdir.with_name(bdir.name + "-waves") if waves else bdir
     runner = _runner()
     runner.build(
-        sources=[vfile], hdl_toplevel=TOP_NAME, build_dir=sdir, waves=waves,
+        sources=[vfile], hdl_toplevel=design.top, build_dir=sdir, waves=waves,
         # -Wall plus the named waivers keeps the simulator build as strict as the lint test
         build_args=[*(trace_args() if waves else []), "-Wall", *waiver_args(), "-O2", "--x-assign", "0"],
         timescale=("1ns", "1ps"), always=False, log_file=sdir / "build.log")
@@ -149,7 +183,7 @@ def build(params: HwParams, waves: bool = False):
 
 
 def run(params: HwParams, testcase: str, stimuli: pathlib.Path, tag: str,
-        test_module: str = "flightllm.sim.mpe_tb", seed: int = 1) -> pathlib.Path:
+        test_module: str = "flightllm.sim.mpe_tb", seed: int = 1, design: Design = MPE) -> pathlib.Path:
     """Run one cocotb test against the build; on any failure rebuild with tracing, rerun
     to record the waveform and fail naming it.
 
@@ -157,16 +191,16 @@ def run(params: HwParams, testcase: str, stimuli: pathlib.Path, tag: str,
     """
     from cocotb_tools.runner import get_results
 
-    tdir = build_dir(params) / f"run-{tag}"
+    tdir = build_dir(params, design) / f"run-{tag}"
     tdir.mkdir(parents=True, exist_ok=True)
     env = {"FLIGHTLLM_STIMULI": str(stimuli)}
 
     def once(waves):
-        sdir, runner = build(params, waves)
+        sdir, runner = build(params, waves, design)
         xml = tdir / ("results-waves.xml" if waves else "results.xml")
         if xml.exists():
             xml.unlink()
-        runner.test(test_module=test_module, testcase=testcase, hdl_toplevel=TOP_NAME,
+        runner.test(test_module=test_module, testcase=testcase, hdl_toplevel=design.top,
                     build_dir=sdir, test_dir=tdir, results_xml=str(xml), waves=waves,
                     extra_env=env, seed=seed, log_file=tdir / ("sim-waves.log" if waves else "sim.log"))
         return xml, get_results(xml)

@@ -450,6 +450,9 @@ def test_buffer_bounds_are_checked():
     big_vocab = dataclasses.replace(cfg, vocab=9000)
     with pytest.raises(ScheduleError, match="buffer LOG: 16 rows x 9000 elements per row exceed act_buf_depth = 8192"):
         build_programs(shape_manifest(big_vocab, sim, "int8/32"))
+    wide = dataclasses.replace(sim, buf_ffn=128)         # the RTL's buffers (hw/buffers.py) are checked too
+    with pytest.raises(ScheduleError, match=r"buffer G: 16 rows x 256 elements exceed its 16 x 128 on hw 'sim'"):
+        build_programs(shape_manifest(cfg, wide, "int8/32"))
     assert set(build_programs(shape_manifest(big_vocab, sim, "int8/32"), check=False)) == {
         "decode", "prefill", "prefill_last"}
 
