@@ -58,8 +58,10 @@ def markdown(res: dict) -> str:
              "model's cycle model following the ISA's overlap rules, with the matrix engine's latency "
              f"from {first['timing']['mpe_latency_source']} and a sustained HBM efficiency of "
              f"{first['timing']['hbm_efficiency']:.2f} (sequential long-burst reads on the U280, Shuhai, FCCM "
-             f"2020). The SFU latency ({first['timing']['sfu_latency']} cycles) is an estimate until the SFU "
-             "exists in RTL. The roofline is the peak HBM bandwidth over the bytes a token must read at its "
+             f"2020). The SFU's timing (a latency of {first['timing']['sfu_latency']} cycles and per opcode the "
+             "cycles its dependent passes keep the unit busy) is measured on the SFU unit's RTL, "
+             f"{first['timing']['sfu_timing_source']} (`bench/sfu_cycles.py`, docs/sfu_cycles.md); SOFTMAX takes "
+             "up to 16 kv heads per operation. The roofline is the peak HBM bandwidth over the bytes a token must read at its "
              f"position; the target is {TARGET:.0%} of it.", "",
              "![decode tok/s against position](perf_roofline.png)", "",
              "## Against FlightLLM", "",
@@ -74,7 +76,8 @@ def markdown(res: dict) -> str:
                      + " / ".join(f"{p['prefill_tok_s']:.0f}" for p in r["prefill"]) + " |")
     lines += ["", "FlightLLM's U280 figure is a measurement of real hardware (its decode reached 65.9% of the peak "
               "bandwidth); ours are a model. They agree only where the RTL will run as the model assumes: the "
-              "kernel (control, SFU, memory units) does not exist in RTL yet.", ""]
+              "kernel (control, memory units, the top) does not exist in RTL yet; the matrix engine and the SFU "
+              "are timed from their RTL.", ""]
     for hw, r in res["hw"].items():
         lines += [f"## {hw}", "",
                   "| position | decode tok/s | HBM bytes/token | achieved GB/s | of peak | roofline tok/s | "

@@ -29,8 +29,9 @@ cross HBM. Per layer (``X`` is the residual stream)::
     ROPE K; QUANT K->KQ, V->VQ per kv head; ST_KT KQ,VQ -> KV cache rows CPOS..;
     ST_KV their scales; LD_KV the scales of positions < KVLEN -> KS, VS
     ROPE Q; QUANT Q->QQ per head
-    per kv head g, software-pipelined (QK of head g + ATTN_LAG before PV of head g):
-        QK g: QQ x K cache -> S;  SOFTMAX g: S, VS -> PQ;  PV g: PQ x V cache -> A
+    per group of kv heads (ATTN_GROUP or fewer), software-pipelined (the next group's QKs
+    before this group's PVs): QK g: QQ x K cache -> S per head; SOFTMAX of the group:
+    S, VS -> PQ; PV g: PQ x V cache -> A per head
     QUANTG A->HQ; MV o -> Y; ADD X += Y
     RMSNORM X->H; QUANTG; MV gate->G, up->U; SILU_MUL G,U->G; QUANTG G->HQ; MV down->Y; ADD X += Y
 
@@ -76,6 +77,7 @@ from ..hw.isa import (NO_LIMIT, PER_HEAD, AttnFmt, TOKEN_UNITS, UNIT_OF, Buf, In
                       encode_program)
 from ..hw.kvcache import KV_GROUP, K, V, KvLayout
 from ..hw.params import HwParams
+from ..hw.sfu import sfu_max_rows
 from ..runtime.sfu import KV_BLOCK, score_scale
 from .gguf_import import LINEARS, ModelConfig
 
@@ -108,8 +110,10 @@ def rope_table(head_dim: int, max_seq: int, theta: float) -> np.ndarray:
 #: k8v4 keeps the keys in 8 bits: their outlier channels cost SmolLM2 +43% perplexity in
 #: 4 bits per (position, head), the values' 4 bits +0.6% (docs/kv_quality.md)
 KV_FORMATS = {"int8": ("int8r/32", "int8r/32"), "int4": ("int4r/32", "int4r/32"), "k8v4": ("int8r/32", "int4r/32")}
-#: query heads' QK ahead of the PV that waits for their SOFTMAX (software pipelining)
-ATTN_LAG = 2
+#: kv heads per SOFTMAX (at most; the SFU's rows per operation limit it too): the next
+#: group's QK is issued before this group's PV, so the MPE streams while the SFU runs
+#: the group's softmax (software pipelining)
+ATTN_GROUP = 16
 
 
 @dataclass
@@ -319,8 +323,6 @@ class _Builder:
                           row_bytes=pl.kv_row_bytes, addr=lay.scale_addr(i, kind))
             self.sfu(Opcode.ROPE, Buf.Q, Buf.Q, nh * hd, seg=hd, aux_reg=Reg.CPOS, table=rope)
             self.sfu(Opcode.QUANT, Buf.Q, Buf.QQ, nh * hd, seg=hd)
-            # one kv head at a time, software-pipelined: QK of head g + ATTN_LAG is issued
-            # before PV of head g, so the MPE streams while the SFU runs head g's softmax
             rep = nh // nkv
             span = dict(rows_reg=Reg.CLEN, len_reg=Reg.CPOS, len_add=1, rep=rep, cap=pl.max_seq,
                         sink=pl.sink, window=pl.window)
@@ -329,15 +331,22 @@ class _Builder:
             def qk(g):
                 self.emit(Opcode.QK, [Buf.QQ, Buf.KS, ("KVT", i, K)], [(Buf.S, g)], src=Buf.QQ, dst=Buf.S,
                           aux=Buf.KS, kvh=g, kv_off=lay.head_offset(i, K, g) // ALIGN, **kvf[K])
-            for g in range(min(ATTN_LAG, nkv)):
+            # SOFTMAX takes a group of kv heads at once (its dependent passes wait for the
+            # SFU's lanes once per group), as many as the SFU's rows allow
+            rows_t = 1 if self.mode == "decode" else pl.chunk
+            kvn = max(1, min(ATTN_GROUP, nkv, sfu_max_rows(p) // (rows_t * rep)))
+            groups = [range(a, min(a + kvn, nkv)) for a in range(0, nkv, kvn)]
+            for g in groups[0]:
                 qk(g)
-            for g in range(nkv):
-                self.emit(Opcode.SOFTMAX, [(Buf.S, g), Buf.VS], [(Buf.PQ, g)], src=Buf.S, dst=Buf.PQ, aux=Buf.VS,
-                          kvh=g, scale=score_scale(hd), **span)
-                if g + ATTN_LAG < nkv:
-                    qk(g + ATTN_LAG)
-                self.emit(Opcode.PV, [(Buf.PQ, g), ("KVT", i, V)], [(Buf.A, g)], src=Buf.PQ, dst=Buf.A,
-                          kvh=g, kv_off=lay.head_offset(i, V, g) // ALIGN, **kvf[V])
+            for j, grp in enumerate(groups):
+                self.emit(Opcode.SOFTMAX, [(Buf.S, g) for g in grp] + [Buf.VS], [(Buf.PQ, g) for g in grp],
+                          src=Buf.S, dst=Buf.PQ, aux=Buf.VS, kvh=grp[0], kvn=len(grp), scale=score_scale(hd),
+                          **span)
+                for g in groups[j + 1] if j + 1 < len(groups) else ():
+                    qk(g)
+                for g in grp:
+                    self.emit(Opcode.PV, [(Buf.PQ, g), ("KVT", i, V)], [(Buf.A, g)], src=Buf.PQ, dst=Buf.A,
+                              kvh=g, kv_off=lay.head_offset(i, V, g) // ALIGN, **kvf[V])
             self.quant_for(Buf.A, c.hidden, L + "attn_output.weight")
             self.matmul(L + "attn_output.weight", Buf.HQ, Buf.Y)
             self.sfu(Opcode.ADD, Buf.X, Buf.X, c.hidden, src2=Buf.Y)

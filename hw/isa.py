@@ -260,7 +260,9 @@ class AttnFmt(data.Struct):
 
 
 class SoftFmt(data.Struct):
-    """SOFTMAX (SFU): one kv head's scores -> the int8 probabilities PV takes."""
+    """SOFTMAX (SFU): the scores of kv heads ``kvh .. kvh + kvn - 1`` -> the int8
+    probabilities PV takes (one operation for several heads: its dependent passes wait
+    for the SFU's lanes once, not once per head)."""
     hdr: Header
     src: Buf                #: scores (S)
     dst: Buf                #: int8 probabilities (PQ)
@@ -274,6 +276,7 @@ class SoftFmt(data.Struct):
     sink: unsigned(4)
     window: unsigned(8)
     scale: unsigned(32)     #: float32 bits of the score scale 1/sqrt(head_dim)
+    kvn: unsigned(6)        #: kv heads in the operation (0 means 1)
 
 
 class KvStFmt(data.Struct):

@@ -46,7 +46,8 @@ MASK taps are delayed to it):
   issues ``9 - S`` bubbles after every ``S`` beats of a row: ``floor((beats - 1) / S)``
   bubbles per row (1/9 of the throughput of a long row). Then the pairwise tree
   (index ``lane * S + slot``, slots of a lane first) with one pipelined FAdd per tree
-  level: ``L*S/2`` cycles per row (rows shorter than ``L*S/2`` beats are tree-bound).
+  level, the first adding ``tree_width`` (:data:`~flightllm.hw.sfu_program.TREE_WIDTH`,
+  4) pairs a cycle: ``L*S/(2 tree_width)`` cycles per row (shorter rows are tree-bound).
 * MAX / ARGMAX / AMAX: a registered compare tree over the lanes on order keys (NaN
   above everything, -0 as +0, masked and absent elements as -inf; ties keep the lower
   index, so ARGMAX gives np.argmax's first maximum or first NaN and MAX propagates NaN
@@ -85,7 +86,7 @@ Cycles (no stalls; ``lat`` = 115, ``B`` = beats of a row, ``R`` = rows):
 * command accepted -> first issue: 12 (SETUP 9, START, DRAIN) + the first read's round trip;
 * a pass: ``R * B`` (a Load: ``R * ceil(entries / L)``), plus in a SUM pass
   ``floor((B - 1) / S) * (9 - S)`` bubbles per row, and a SUM row may start only when
-  the tree has read the row two before: about ``lat / 2 + 8 + L*S/2`` after it ends
+  the tree has read the row two before: about ``lat / 2 + 8 + L*S/(2 tree_width)`` after it ends
   (rows shorter than that are tree-bound: 66 cycles per row of 32 beats on ``sim``);
 * between steps 3; a step that waits for lane results starts ``lat + 5`` = 120 after the
   previous step's last issue, for MAX/AMAX results 62, for a sum the tree (~150 on ``sim``);
@@ -113,9 +114,9 @@ from .geometry import delay
 from .isa import Opcode
 from .params import ACT_MAX, HwParams
 from .sfu_lane import LaneConfig, SfuLane
-from .sfu_program import IDENTITY, OUT_CODE, Pair, Pass, Sqrt, Src, template
+from .sfu_program import IDENTITY, OUT_CODE, TREE_WIDTH, Pair, Pass, Sqrt, Src, template
 
-__all__ = ["SfuCore", "SfuCmd", "req_layout", "rd_layout", "out_layout", "PROGRAMS",
+__all__ = ["SfuCore", "SfuCmd", "sfu_max_rows", "req_layout", "rd_layout", "out_layout", "PROGRAMS",
            "X", "S2", "TAB", "XS", "XF", "DST", "SCALE", "FACTOR", "ARGMAX"]
 
 X, S2, TAB, XS, XF = (1 << i for i in range(5))     #: request stream bits
@@ -132,6 +133,12 @@ _TAP_STAGE = {"IN": "ADD1", "MUL1": "EXP", "MASK": "MUL2", "MUL2": "ADD2"}   # a
 OUT_COUNT_BITS = 16                     #: width of ``out_count`` (wraps)
 _WHOLE = 31                             #: log2(per) meaning "the whole row is one segment"
 _NEG_INF_KEY = 0x007FFFFF               #: order key of -inf
+
+
+def sfu_max_rows(params: HwParams) -> int:
+    """Rows one SFU operation may have (SOFTMAX: token rows x query heads): ``8 x
+    mm_tokens``, at most 255 (the row fields are 8 bits)."""
+    return min(255, 8 * params.mm_tokens)
 
 
 def _f32(v) -> int:
@@ -356,6 +363,9 @@ class SfuCore(wiring.Component):
         Rows per operation (default ``min(255, 8 * mm_tokens)``).
     rd_depth : int
         Entries of the read-data FIFO (= requests in flight).
+    tree_width : int
+        Pairs the sum tree's first level adds per cycle (a power of two): a row's tree
+        takes ``lanes x slots / (2 x tree_width)`` cycles.
     out_depth : int, optional
         Entries of the output FIFO (= credits); default ``latency + 6``, enough for one
         beat a cycle (a smaller one throttles the issue: tests).
@@ -373,14 +383,19 @@ class SfuCore(wiring.Component):
     """
 
     def __init__(self, params: HwParams, *, max_rows: int | None = None, rd_depth: int = 16,
-                 out_depth: int | None = None):
+                 out_depth: int | None = None, tree_width: int = TREE_WIDTH):
         L, S = params.sfu_lanes, params.sfu_acc_slots
         if L < 2 or L & (L - 1) or L * S < 4:
             self._MustUse__silence = True
             raise ValueError(f"SFU core: sfu_lanes must be a power of two >= 2 (and lanes x slots >= 4), not {L}")
         self.params, self.L, self.S, self.LB = params, L, S, L.bit_length() - 1
-        self.max_rows = max_rows or min(255, 8 * params.mm_tokens)
+        self.max_rows = max_rows or sfu_max_rows(params)
         self.rd_depth = rd_depth
+        if tree_width < 1 or tree_width & (tree_width - 1) or 2 * tree_width > L * S:
+            self._MustUse__silence = True
+            raise ValueError(f"SFU core: tree_width must be a power of two, at most lanes x slots / 2, "
+                             f"not {tree_width}")
+        self.tree_width = tree_width
         lane = SfuLane()
         lane._MustUse__silence = True           # a template for the stage latencies
         self.lane_start = {t: lane.start(_TAP_STAGE[t]) for t in _TAPS}
@@ -863,10 +878,14 @@ class SfuCore(wiring.Component):
                 m.d.sync += ready[b].eq(1)
             with m.Elif(ready_clr[b]):
                 m.d.sync += ready[b].eq(0)
-        # the tree: level 1 reads a finished bank pair by pair, each further level adds
-        # consecutive results of the one before (one pipelined FAdd per level)
+        # the tree: level 1 reads a finished bank TW pairs a cycle (TW FAdds), level k + 1
+        # adds the neighbouring results of level k's adders (half as many), and from a single
+        # adder on each level adds consecutive results of the one before; the pairing is the
+        # spec's pairwise tree, whatever TW
         LS = L * S
-        t_act, t_bank, t_i = Signal(), Signal(), Signal(range(max(2, LS // 2)))
+        TW = self.tree_width
+        NP = LS // (2 * TW)                       # level-1 reads per row
+        t_act, t_bank, t_i = Signal(), Signal(), Signal(range(max(2, NP)))
         meta_l = data.StructLayout({"row": 8, "slot": range(max(2, self.n_slots))})
         t_meta, t_nb = Signal(meta_l), Signal(SB + 1)
         with m.If(~t_act & ready.bit_select(t_bank, 1)):
@@ -874,24 +893,38 @@ class SfuCore(wiring.Component):
                          t_meta.slot.eq(meta_slot[t_bank]), t_nb.eq(meta_nb[t_bank])]
         with m.If(t_act):
             m.d.sync += t_i.eq(t_i + 1)
-            with m.If(t_i == LS // 2 - 1):
+            with m.If(t_i == NP - 1):
                 m.d.sync += [t_act.eq(0), t_bank.eq(~t_bank)]
                 m.d.comb += [ready_clr.bit_select(t_bank, 1).eq(1), busy_clr.bit_select(t_bank, 1).eq(1)]
         flat = [Mux(s < t_nb, acc[b][l][s], 0) for b in range(2) for l in range(L) for s in range(S)]
-        # pairs (even, odd) indexed by every value of Cat(t_i, t_bank): a full case (no latch)
-        even, odd = Array(flat[0::2]), Array(flat[1::2])
-        lv_v, lv_x, lv_meta = t_act, None, t_meta.as_value()
+        # level-1 operands: pair j of read i is entries 2 (i TW + j), 2 (i TW + j) + 1, indexed by
+        # every value of Cat(t_i, t_bank): a full case (no latch)
+        half = len(flat) // 2                     # per bank
+        ops_a = [Array(flat[b * LS + 2 * (i * TW + j)] for b in range(2) for i in range(NP)) for j in range(TW)]
+        ops_b = [Array(flat[b * LS + 2 * (i * TW + j) + 1] for b in range(2) for i in range(NP)) for j in range(TW)]
+        assert half == LS
+        lv_v, lv_xs, lv_meta = t_act, None, t_meta.as_value()
         for k in range(LS.bit_length() - 1):
-            fa = m.submodules[f"tree_add{k}"] = FAdd()
+            width = max(1, TW >> k)
+            fas = [FAdd() for _ in range(width)]
+            for j, fa in enumerate(fas):
+                m.submodules[f"tree_add{k}_{j}"] = fa
             if k == 0:
-                m.d.comb += [fa.i_valid.eq(t_act), fa.a.eq(even[Cat(t_i, t_bank)]), fa.b.eq(odd[Cat(t_i, t_bank)])]
-            else:
+                for j, fa in enumerate(fas):
+                    m.d.comb += [fa.i_valid.eq(t_act), fa.a.eq(ops_a[j][Cat(t_i, t_bank)]),
+                                 fa.b.eq(ops_b[j][Cat(t_i, t_bank)])]
+            elif len(lv_xs) > 1:                 # neighbours of the level before, the same cycle
+                for j, fa in enumerate(fas):
+                    m.d.comb += [fa.i_valid.eq(lv_v), fa.a.eq(lv_xs[2 * j]), fa.b.eq(lv_xs[2 * j + 1])]
+            else:                                 # consecutive results of the single adder before
+                fa = fas[0]
                 have, hold = Signal(name=f"tree_have{k}"), Signal(32, name=f"tree_hold{k}")
                 with m.If(lv_v):
-                    m.d.sync += [have.eq(~have), hold.eq(lv_x)]
-                m.d.comb += [fa.i_valid.eq(lv_v & have), fa.a.eq(hold), fa.b.eq(lv_x)]
-            lv_v, lv_x = fa.o_valid, fa.o
+                    m.d.sync += [have.eq(~have), hold.eq(lv_xs[0])]
+                m.d.comb += [fa.i_valid.eq(lv_v & have), fa.a.eq(hold), fa.b.eq(lv_xs[0])]
+            lv_v, lv_xs = fas[0].o_valid, [fa.o for fa in fas]
             lv_meta = delay(m, lv_meta, FAdd.latency, name=f"tree_meta{k}")
+        lv_x = lv_xs[0]
         tmeta = data.View(meta_l, lv_meta)
         m.d.comb += sum_done.eq(lv_v)
         for j in range(self.n_slots):

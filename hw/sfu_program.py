@@ -39,7 +39,7 @@ import numpy as np
 from ..runtime import sfu
 from .params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["Src", "Pair", "Opnd", "Red", "Pass", "Sqrt", "template", "bind", "program", "run", "Env",
+__all__ = ["Src", "Pair", "Opnd", "Red", "Pass", "Sqrt", "template", "sum_passes", "TREE_WIDTH", "bind", "program", "run", "Env",
            "SOFTMAX_GROUP"]
 
 F32 = np.float32
@@ -161,6 +161,17 @@ def _requant_groups(inp: Opnd, per, quant: dict, scale: list | None = None) -> l
         Pass(inp, "n", **quant, mul3=Opnd(Src.VEC, "inv", per=per), rnd="rint",
              clip=(-float(ACT_MAX), float(ACT_MAX)), out="dst", out_int="i8"),
     ]
+
+
+#: pairs the SFU core's sum tree adds per cycle at its first level: a row's tree takes
+#: ``lanes x slots / (2 x TREE_WIDTH)`` cycles (hw/sfu.py; the golden model's timing)
+TREE_WIDTH = 4
+
+
+def sum_passes(op: str) -> int:
+    """Passes of ``op`` (an SFU opcode name) with a SUM reduction: each row of them goes
+    through the core's pairwise tree (:data:`TREE_WIDTH`)."""
+    return sum(1 for st in template(op) if isinstance(st, Pass) for r in st.reds if r.kind == "SUM")
 
 
 def template(op: str, factors: bool = False) -> list:

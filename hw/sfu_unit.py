@@ -15,9 +15,10 @@ addresses of :func:`~flightllm.hw.buffers.buffer_map`::
                  out --> W1 -> W2 (t, h) -> W3 (region, word, lanes, mask) -> wr FIFO --> port wr
                  done -> count FIFO: the unit's ``done`` when that many out beats have landed
 
-Rows. A row of the core is a token row; for SOFTMAX a (token ``t``, query head ``h``)
-row ``t * rep + h`` (``t`` and ``h`` from a multiply by a 16-bit reciprocal of ``rep``
-from a ROM, exact for ``rows < 256``, ``rep < 64``). Element ``e`` of token row ``t`` of
+Rows. A row of the core is a token row; for SOFTMAX (kv heads ``g .. g + kvn - 1``) a
+(token ``t``, query head ``h``) row ``t * rep * kvn + h`` (``t``, ``h`` and the kv head
+``g + h // rep`` from multiplies by 16-bit reciprocals from a ROM, exact for ``rows <
+256`` and ``rep * kvn < 64``). Element ``e`` of token row ``t`` of
 buffer ``B`` is word ``t * row_words(B) + e // L``; SOFTMAX's head ``g * rep + h`` of a
 score or probability row starts ``(g * rep + h) * cap / L`` words in, its factors
 ``(g * rep + h) * ceil(cap / 32 / L)`` words into the factor row, its scale is entry
@@ -28,7 +29,7 @@ ARGMAX scans the last row only (what the ARGMAX register gets).
 
 Preconditions (the compiler's layout meets them): ``table`` a multiple of ``L``; ROPE's
 ``seg`` a power of two and a multiple of ``L``; ``cap`` a multiple of ``L``; SOFTMAX's
-``rows * rep < 256``.
+``rows * rep * kvn < 256``.
 
 Scoreboard: an op that reads (``src``; ``src2`` of ADD, SILU_MUL, SOFTMAX) a buffer an
 op still in flight writes is held until that op is done (the ISA's rule 1); independent
@@ -75,6 +76,7 @@ class SfuOp(data.Struct):
     cap: unsigned(16)
     sink: unsigned(4)
     window: unsigned(8)
+    kvn: unsigned(6)        #: SOFTMAX: kv heads kvh .. kvh + kvn - 1 (>= 1)
 
 
 def sfu_op(ins, regs) -> dict:
@@ -95,7 +97,7 @@ def sfu_op(ins, regs) -> dict:
     if op == Opcode.SOFTMAX:
         return dict(op=op.value, src=v("src"), src2=v("aux"), dst=v("dst"), rows=rows,
                     valid=regs[v("len_reg")] + v("len_add"), kvh=v("kvh"), rep=v("rep"), cap=v("cap"),
-                    sink=v("sink"), window=v("window"), imm=fbits("scale"))
+                    sink=v("sink"), window=v("window"), imm=fbits("scale"), kvn=max(v("kvn"), 1))
     return dict(op=op.value, src=v("src"), src2=v("src2"), dst=v("dst"), rows=rows, n=v("n"), seg=v("seg"),
                 grouped=int(v("aux") == 1), table=v("table"), imm=fbits("imm"),
                 pos=regs[v("aux_reg")] if op == Opcode.ROPE else 0)
@@ -165,16 +167,18 @@ class SfuUnit(wiring.Component):
         o = self.op.payload
         is_sm = o.op == Opcode.SOFTMAX.value
         is_am = o.op == Opcode.ARGMAX.value       # the last row's only: one row, from row rows - 1
+        qh = Signal(6)                          # SOFTMAX: query heads per token row (rep x kvn)
+        m.d.comb += qh.eq(o.rep * o.kvn)
         n32 = Signal(17)
         m.d.comb += n32.eq(((o.valid + o.rows - 1 + 31) >> 5) << 5)
         c = core.cmd.payload
         m.d.comb += [
-            c.op.eq(o.op), c.rows.eq(Mux(is_sm, o.rows * o.rep, Mux(is_am, 1, o.rows))),
+            c.op.eq(o.op), c.rows.eq(Mux(is_sm, o.rows * qh, Mux(is_am, 1, o.rows))),
             c.n.eq(Mux(is_sm, n32, o.n)),
             c.seg.eq(Mux((o.op == Opcode.QUANT.value) | (o.op == Opcode.ROPE.value)
                          | ((o.op == Opcode.DEQUANT.value) & ~o.grouped), o.seg, 0)),
             c.group.eq(Mux((o.op == Opcode.QUANTG.value) | ((o.op == Opcode.DEQUANT.value) & o.grouped), o.seg, 0)),
-            c.imm.eq(o.imm), c.valid.eq(o.valid), c.rep.eq(o.rep), c.sink.eq(o.sink), c.window.eq(o.window),
+            c.imm.eq(o.imm), c.valid.eq(o.valid), c.rep.eq(qh), c.sink.eq(o.sink), c.window.eq(o.window),
             core.cmd.valid.eq(self.op.valid & opq.w_rdy & ~hazard),
             self.op.ready.eq(core.cmd.ready & opq.w_rdy & ~hazard),
             opq.w_en.eq(self.op.valid & self.op.ready), opq.w_data.eq(o.as_value()),
@@ -188,12 +192,17 @@ class SfuUnit(wiring.Component):
                     m.d.sync += lg_seg.eq(k)
 
         def split(row, q, name):
-            """(t, h) of core row ``row`` of op ``q`` (SOFTMAX; else (row, 0)), one register."""
-            t, h = Signal(8, name=f"{name}_t"), Signal(6, name=f"{name}_h")
-            tt = ((row * recip[q.rep]) >> _RECIP_BITS)[:8]
+            """(t, h, g) of core row ``row`` of op ``q``: token row, query head in the op and its
+            kv head offset (SOFTMAX; else (row, 0, 0)), one register."""
+            t, h, g = Signal(8, name=f"{name}_t"), Signal(6, name=f"{name}_h"), Signal(6, name=f"{name}_g")
+            per = Signal(6, name=f"{name}_per")
+            m.d.comb += per.eq(q.rep * q.kvn)
+            tt = ((row * recip[per]) >> _RECIP_BITS)[:8]
+            hh = (row - tt * per)[:6]
             sm = q.op == Opcode.SOFTMAX.value
-            m.d.sync += [t.eq(Mux(sm, tt, row)), h.eq(Mux(sm, row - tt * q.rep, 0))]
-            return t, h
+            m.d.sync += [t.eq(Mux(sm, tt, row)), h.eq(Mux(sm, hh, 0)),
+                         g.eq(Mux(sm, ((hh * recip[q.rep]) >> _RECIP_BITS)[:6], 0))]
+            return t, h, g
 
         # -- requests: R1 -> R2 -> R3 -> addr FIFO -> ports --------------------------------------
         al = data.StructLayout({"need": 3, "xr": range(nreg), "xw": wbits, "sr": range(nreg), "sw": wbits,
@@ -203,7 +212,7 @@ class SfuUnit(wiring.Component):
         r1 = Signal(core.req.payload.shape())
         m.d.comb += core.req.ready.eq(aq.level < 8 - 3)
         m.d.sync += [r1_v.eq(core.req.valid & core.req.ready), r1.eq(core.req.payload), r2_v.eq(r1_v)]
-        t2, h2 = split(r1.row, rq, "rq")
+        t2, h2, g2 = split(r1.row, rq, "rq")
         r2 = Signal.like(r1)
         m.d.sync += r2.eq(r1)
         hh = Signal(14)
@@ -214,7 +223,7 @@ class SfuUnit(wiring.Component):
         t2x = t2 + Mux(rq.op == Opcode.ARGMAX.value, rq.rows - 1, 0)
         xw = Mux(sm, t2 * row_words[rq.src] + hh * capw, t2x * row_words[xr]) + r2.beat
         sr = Mux(sm, Buf.VS.value, rq.src2)
-        sw = Mux(sm, rq.kvh * row_words[Buf.VS.value], t2 * row_words[rq.src2]) + r2.beat
+        sw = Mux(sm, (rq.kvh + g2) * row_words[Buf.VS.value], t2 * row_words[rq.src2]) + r2.beat
         segw_m1 = (rq.seg >> LB) - 1
         tw = Mux(rq.op == Opcode.ROPE.value,
                  (rq.table >> LB) + ((rq.pos + t2) << lg_seg >> LB) + (r2.beat & segw_m1),
@@ -274,7 +283,7 @@ class SfuUnit(wiring.Component):
         w1 = Signal(core.out.payload.shape())
         take = core.out.valid & core.out.ready
         m.d.sync += [w1_v.eq(take), w1.eq(core.out.payload), popped.eq(popped + take)]
-        tw2, hw2 = split(w1.row, oo, "wo")
+        tw2, hw2, _ = split(w1.row, oo, "wo")
         w2 = Signal.like(w1)
         m.d.sync += [w2.eq(w1), w2_v.eq(w1_v)]
         osm = oo.op == Opcode.SOFTMAX.value

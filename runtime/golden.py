@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 from amaranth.lib import enum
 
+from ..hw.sfu_program import TREE_WIDTH, sum_passes
 from ..hw.formats import ALIGN, PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
 from ..hw.isa import LOOP_DEPTH, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
 from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
@@ -280,6 +281,8 @@ class Golden:
         self.ldst_bpc = self.ch_bpc * params.kv_channels               # LD/ST spaces: interleaved
         self.fifo_cycles = params.stream_fifo_beats * params.hbm_port_bits / 8 / self.ch_bpc
         self._progs = {}
+        self._sfu_ovh = {Opcode[name].value: (fixed, per_row) for name, fixed, per_row in self.timing.sfu_overhead}
+        self._sum_passes = {o.value: sum_passes(o.name) for o in Opcode if UNIT_OF[o] == UNIT_OF[Opcode.ADD]}
 
     # -- host interface -------------------------------------------------------------
     def write_tokens(self, pos: int, ids):
@@ -349,6 +352,19 @@ class Golden:
             q, S, M = w.qt
             w.wg = prepare_weights(q, S, M, w.fmt.group_size, self.p.act_factor_bits)
         return w.wg
+
+    def _sfu_cost(self, op, rows, work, n=0):
+        """Issue cycles of an SFU operation of ``rows`` rows of ``n`` elements: the elements'
+        beats, the sum tree's ``lanes x slots / (2 x TREE_WIDTH)`` cycles per row of each
+        SUM pass where a row has fewer beats (:func:`flightllm.hw.sfu_program.sum_passes`), and the RTL's
+        measured overhead for the opcode (its dependent passes: runtime/timing.py)."""
+        fixed, per_row = self._sfu_ovh.get(op, (0.0, 0.0))
+        return work + rows * self._sfu_tree(op, n) + fixed + per_row * rows
+
+    def _sfu_tree(self, op, n):
+        p = self.p
+        k = self._sum_passes.get(op, 0)
+        return k * max(0, p.sfu_lanes * p.sfu_acc_slots // (2 * TREE_WIDTH) - -(-n // p.sfu_lanes)) if k and n else 0
 
     # -- buffers -----------------------------------------------------------------
     def _f32(self, i, ins, b, rows, n=None):
@@ -676,6 +692,9 @@ class Golden:
 
         if op == _SOFTMAX:
             c = f.get("scale", 0.0)
+            kvn = max(f.get("kvn", 0), 1)                  # kv heads g .. g + kvn - 1
+            if g + kvn > kv.kv_heads:
+                raise GoldenError(f"{what}: kv heads {g}..{g + kvn - 1} beyond the cache's {kv.kv_heads}")
 
             def h():
                 rows, valid, n, n32, mask = rows_and_mask()
@@ -683,19 +702,22 @@ class Golden:
                 if fn:
                     S = self._scores(src, rows, self.plan["heads"], create=False, i=i, ins=ins)
                     vs = self._f32(i, ins, aux, n)
-                    vcol = np.zeros(n32, F32)
-                    vcol[:n] = vs[:n, g]
-                    q, sc, u = sfu.softmax_probs(S[:, h0:h0 + rep, :n32], mask, vcol, c, lanes, p.sfu_acc_slots)
                     P = bufs.get(dst)
                     H = self.plan["heads"]
                     if not (isinstance(P, tuple) and len(P) == 3 and P[0].ndim == 3 and P[0].shape[0] >= rows):
                         P = bufs[dst] = (np.zeros((rows, H, cap), np.int8), np.zeros((rows, H), F32),
                                          np.zeros((rows, H, cap // KV_GROUP), np.uint8))
-                    P[0][:rows, h0:h0 + rep, :n32] = q
-                    P[1][:rows, h0:h0 + rep] = sc
-                    P[2][:rows, h0:h0 + rep, :n32 // KV_GROUP] = u
-                return 3 * rows * rep * used / lanes
-            return h, ((src, g), aux), ((dst, g),)
+                    for gg in range(g, g + kvn):           # each kv head's query heads by its value scales
+                        hh = gg * rep
+                        vcol = np.zeros(n32, F32)
+                        vcol[:n] = vs[:n, gg]
+                        q, sc, u = sfu.softmax_probs(S[:, hh:hh + rep, :n32], mask, vcol, c, lanes,
+                                                     p.sfu_acc_slots)
+                        P[0][:rows, hh:hh + rep, :n32] = q
+                        P[1][:rows, hh:hh + rep] = sc
+                        P[2][:rows, hh:hh + rep, :n32 // KV_GROUP] = u
+                return self._sfu_cost(op, rows * rep * kvn, 3 * rows * rep * kvn * used / lanes, n32)
+            return h, tuple((src, gg) for gg in range(g, g + kvn)) + (aux,), tuple((dst, gg) for gg in range(g, g + kvn))
 
         if op == _QK:
             def h():
@@ -883,7 +905,7 @@ class Golden:
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
                     bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes, slots)
-                return 2 * rows * n / lanes
+                return self._sfu_cost(op, rows, 2 * rows * n / lanes, n)
             return h, (src, _TAB), (dst,)
         if op == _QUANT:
             seg, qmax = f.get("seg", 0) or n, f.get("imm", 0.0)
@@ -897,7 +919,7 @@ class Golden:
                     if not 0 <= qmax <= sfu.ACT_MAX:
                         raise GoldenError(f"instruction {i} (QUANT): largest level {qmax} outside 0..{sfu.ACT_MAX}")
                     bufs[dst] = (*sfu.requantize(x, seg, qmax), None)
-                return 2 * rows * n / lanes
+                return self._sfu_cost(op, rows, 2 * rows * n / lanes)
             return h, (src,), (dst,)
         if op == _QUANTG:
             grp = f.get("seg", 0)
@@ -910,7 +932,7 @@ class Golden:
                         raise GoldenError(f"instruction {i} (QUANTG): group {grp} does not divide n {n}")
                     q, a, u = sfu.requantize_groups(x, grp)
                     bufs[dst] = (q, a[:, None], u)
-                return 2 * rows * n / lanes
+                return self._sfu_cost(op, rows, 2 * rows * n / lanes)
             return h, (src,), (dst,)
         if op == _DEQUANT:
             seg, grouped = f.get("seg", 0), f.get("aux", 0)
@@ -925,7 +947,7 @@ class Golden:
                         raise GoldenError(f"instruction {i} (DEQUANT): seg {seg}, aux {grouped} do not describe "
                                           f"buffer {Buf(src).name}, which holds {held}")
                     bufs[dst] = sfu.dequantize(q[:, :n], s, u)
-                return rows * n / lanes
+                return self._sfu_cost(op, rows, rows * n / lanes)
             return h, (src,), (dst,)
         if op == _ROPE:
             seg, toff, aux = f.get("seg", 0), f.get("table", 0), f.get("aux_reg", 0)
@@ -943,7 +965,7 @@ class Golden:
                         raise GoldenError(f"instruction {i} (ROPE): position {pos.max()} beyond the RoPE table")
                     y = sfu.rope(x.reshape(rows, n // seg, seg), self.tables[idx], self.tables[idx + 1])
                     bufs[dst] = y.reshape(rows, n)
-                return rows * n / lanes
+                return self._sfu_cost(op, rows, rows * n / lanes)
             return h, (src, _TAB), (dst,)
         if op == _ADD or op == _SILU_MUL:
             kern = np.add if op == _ADD else sfu.silu_mul
@@ -952,7 +974,7 @@ class Golden:
                 rows = regs[rr] if rr else 1
                 if fn:
                     bufs[dst] = kern(self._f32(i, ins, src, rows, n), self._f32(i, ins, src2, rows, n))
-                return rows * n / lanes
+                return self._sfu_cost(op, rows, rows * n / lanes)
             return h, (src, src2), (dst,)
         if op == _FILL:
             imm = f.get("imm", 0.0)
@@ -961,7 +983,7 @@ class Golden:
                 rows = regs[rr] if rr else 1
                 if fn:
                     bufs[dst] = np.full((rows, n), imm, dtype=F32)
-                return rows * n / lanes
+                return self._sfu_cost(op, rows, rows * n / lanes)
             return h, (), (dst,)
         if op == _ARGMAX:
             def h():
@@ -969,7 +991,7 @@ class Golden:
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
                     regs[_ARGMAX_REG] = int(sfu.argmax(x[rows - 1]))
-                return n / lanes
+                return self._sfu_cost(op, 1, n / lanes)
             return h, (src,), (_REGR,)
 
         def h():

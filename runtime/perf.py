@@ -21,7 +21,7 @@ from ..hw.params import get_preset
 from ..hw.kvcache import K, V
 from .golden import Golden
 from .sfu import attention_mask
-from .timing import Timing, mpe_latency, timing_for
+from .timing import Timing, mpe_latency, sfu_timing, timing_for
 
 __all__ = ["LLAMA2_7B", "MODELS", "LAYER_FORMATS", "model_config", "perf", "markdown", "add_kv_args", "add_cli"]
 
@@ -95,7 +95,7 @@ def perf(model: str = "llama2-7b", hw: str = "u280", preset: str = "w4", positio
     lat, src = mpe_latency(params.name)
     return {"model": cfg.name, "hw": hw, "preset": preset, "layer_format": layer_fmt, "kv": lay.fmt.name if lay.fmt_v == lay.fmt else f"K {lay.fmt.name}, V {lay.fmt_v.name}",
             "sink": sink, "window": window, "clock_mhz": params.clock_mhz, "peak_hbm_gbps": peak / 1e9,
-            "timing": {**tm.__dict__, "mpe_latency_source": src},
+            "timing": {**tm.__dict__, "mpe_latency_source": src, "sfu_timing_source": sfu_timing()[2]},
             "weights_bytes": weights, "positions": rows, "prefill": pre}
 
 

@@ -15,8 +15,15 @@ Three kinds of number, each with its source:
   FCCM 2020, arXiv 2005.04324; ``../shared/REFERENCES.md``); ``hbm_latency`` = 64 cycles
   at 225 MHz (~285 ns, the same paper's page-hit read latency through the AXI switch,
   rounded up).
-* **Estimated until the RTL exists** (issue "SFU and buffers"): ``sfu_latency``, the
-  pipeline depth of the float32 lanes (exp is the deepest path), and ``store_latency``.
+* **Measured on the RTL**: ``sfu_latency`` (the SFU unit's last issue -> results in the
+  buffers) and ``sfu_overhead``, per SFU opcode the cycles an operation keeps the unit
+  busy beyond streaming its elements (the waits of its dependent passes for the lanes,
+  the reductions, SQRT), as ``fixed + per_row x rows``; from ``hw/sfu_timing.json``, which
+  ``bench/sfu_cycles.py`` fits to Verilator runs of the SFU unit on the buffers (the
+  ``sim-sfu`` build, 8 lanes, for every preset: a wider build's sum tree takes
+  ``lanes x slots / 2`` cycles per row, more than the 32 measured, so wide presets are
+  optimistic there).
+* **Estimated**: ``store_latency``.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["Timing", "RTL_PROXY", "mpe_latency", "timing_for"]
+__all__ = ["Timing", "RTL_PROXY", "mpe_latency", "sfu_timing", "timing_for"]
 
 _TIMING_FILE = Path(__file__).resolve().parent.parent / "hw" / "mpe_timing.json"
+_SFU_FILE = Path(__file__).resolve().parent.parent / "hw" / "sfu_timing.json"
 
 #: presets measured through another preset's RTL (same chains per channel and lanes)
 RTL_PROXY = {"u280": "u280-2ch", "vhk158": "u280-2ch"}
@@ -48,6 +56,17 @@ def mpe_latency(preset: str) -> tuple:
     return DEFAULT_MPE_LATENCY, "default (no RTL measurement)"
 
 
+def sfu_timing() -> tuple:
+    """``(latency, overhead, source)`` of the SFU from the RTL measurements: ``overhead`` a
+    tuple of ``(opcode name, fixed, per_row)``; ``(32, (), "estimate")`` without them."""
+    try:
+        t = json.loads(_SFU_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return 32, (), "estimate (no RTL measurement)"
+    ovh = tuple((name, float(a), float(b)) for name, (a, b) in sorted(t["overhead"].items()))
+    return int(t["latency_cycles"]), ovh, f"RTL ({t['params']}, {_SFU_FILE.name})"
+
+
 @dataclass(frozen=True)
 class Timing:
     """Durations of the cycle model (cycles of the kernel clock unless named otherwise)."""
@@ -55,7 +74,8 @@ class Timing:
     hbm_efficiency: float = 0.92     #: sustained fraction of each channel's peak (published)
     hbm_latency: int = 64            #: first read data after a fetch starts
     mpe_latency: int = DEFAULT_MPE_LATENCY   #: last beat -> last result (RTL)
-    sfu_latency: int = 32            #: last element in -> last result out (estimate)
+    sfu_latency: int = 32            #: last element in -> results in the buffers (RTL)
+    sfu_overhead: tuple = ()         #: (opcode, fixed, per_row) issue cycles beyond the elements (RTL)
     store_latency: int = 64          #: last write burst -> data in HBM (estimate)
 
     def __post_init__(self):
@@ -72,4 +92,5 @@ class Timing:
 def timing_for(params, **overrides) -> Timing:
     """The default :class:`Timing` of a build, its MPE latency from the RTL measurements."""
     lat, _ = mpe_latency(params.name)
-    return Timing(mpe_latency=lat).with_(**overrides)
+    slat, sovh, _ = sfu_timing()
+    return Timing(mpe_latency=lat, sfu_latency=slat, sfu_overhead=sovh).with_(**overrides)

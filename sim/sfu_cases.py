@@ -91,9 +91,10 @@ def make_case(p: HwParams, bufs0: dict, tables, plan: dict, prog: list, regs) ->
             "golden_cycles": st.op_cycles}
 
 
-def save(path, case: dict, stall: float = 0.25, seed: int = 0) -> pathlib.Path:
+def save(path, case: dict, stall: float = 0.25, seed: int = 0, serial: bool = False,
+         contention: bool = True) -> pathlib.Path:
     """Write ``case`` as the testbench's stimuli (ints as decimal strings where they are
-    wider than 64 bits)."""
+    wider than 64 bits); ``serial`` and ``contention``: see :mod:`flightllm.sim.sfu_tb`."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     p = case["params"]
@@ -106,7 +107,8 @@ def save(path, case: dict, stall: float = 0.25, seed: int = 0) -> pathlib.Path:
         "load_lanes": np.array([lanes for _, _, lanes in load], np.uint32).reshape(-1, L),
     }
     meta = {"ops": [str(o) for o in case["ops"]], "names": case["names"], "argmax": case["argmax"],
-            "n_argmax": case["n_argmax"], "stall": stall, "seed": seed, "checks": []}
+            "n_argmax": case["n_argmax"], "stall": stall, "seed": seed, "serial": serial,
+            "contention": contention, "checks": []}
     for k, (rid, name, fl, words, want, cover) in enumerate(case["checks"]):
         meta["checks"].append({"region": rid, "name": name, "float": fl})
         arrays[f"chk{k}_words"] = np.asarray(words, np.int64)

@@ -6,7 +6,9 @@ buffers through the host port, runs the SFU ops back to back (the op stream stal
 random, the unit's four buffer ports are stalled at random through ``stall``, and the
 host reads random words meanwhile, competing for the memories), then reads back every
 region the ops changed through the host port and compares it bit for bit with the golden
-model's (any NaN equals any NaN). Every wait is bounded in cycles. The cycle of each op's
+model's (any NaN equals any NaN). Every wait is bounded in cycles. For cycle counts the
+case may ask for no host reads (``contention``) and one op at a time (``serial``: each
+op offered after the previous one's ``done``). The cycle of each op's
 acceptance and of each ``done`` (from the first op offered) go to
 ``$FLIGHTLLM_STIMULI.cycles.json``.
 """
@@ -88,6 +90,7 @@ async def sfu_case(dut):
 
     # -- the ops, with stalls everywhere and host reads competing ---------------------------
     ops = [int(o) for o in meta["ops"]]
+    serial, contention = meta.get("serial", False), meta.get("contention", True)
     names = meta["names"]
     dones, argmax, accepted, done_at = 0, [], [], []
     i, t0 = 0, t
@@ -96,12 +99,12 @@ async def sfu_case(dut):
     while dones < len(ops):
         assert t - t0 < budget, f"SFU unit hung: {dones} of {len(ops)} ops done ({names[dones]} pending) " \
                                 f"after {t - t0} cycles"
-        v = i < len(ops) and rng.random() >= stall
+        v = i < len(ops) and rng.random() >= stall and (not serial or i == dones)
         dut.op__valid.value = int(v)
         if v:
             dut.op__payload.value = ops[i]
         dut.stall.value = rng.getrandbits(4) if rng.random() < stall else 0
-        hv = rng.random() < 0.2
+        hv = contention and rng.random() < 0.2
         dut.host_rd_req__valid.value = int(hv)
         if hv:
             r = all_regions[rng.randrange(len(all_regions))]

@@ -32,8 +32,10 @@ SPECIAL = np.array([0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1.1754944
                     1, -1, 2.5, 65504, 7], F32)
 
 
-def run_case(tag, case, stall=0.25, seed=0):
-    stim = save(rtl.build_dir(PARAMS, rtl.SFU) / f"run-{tag}" / "stimuli.npz", case, stall, seed)
+def run_case(tag, case, stall=0.25, seed=0, **kw):
+    """Run ``case`` on the build; returns the testbench's cycle stamps (``kw``: see
+    :func:`flightllm.sim.sfu_cases.save`)."""
+    stim = save(rtl.build_dir(PARAMS, rtl.SFU) / f"run-{tag}" / "stimuli.npz", case, stall, seed, **kw)
     rtl.run(PARAMS, "sfu_case", stim, tag, test_module="flightllm.sim.sfu_tb", seed=seed + 1, design=rtl.SFU)
     return json.loads(stim.with_name(stim.name + ".cycles.json").read_text())
 
@@ -49,12 +51,12 @@ def _rows(rng, r, n, special=False):
     return x
 
 
-def random_case(rng, special):
-    T, n = 3, 256
+def random_case(rng, special, T=3, n=256):
     tables = rng.uniform(-1, 1, 4096).astype(F32)
     regs = [0] * 16
     regs[Reg.CLEN.value], regs[Reg.POS.value], regs[Reg.LEN.value] = T, 5, 40
     S = (rng.standard_normal((T, 8, 128)) * 3).astype(F32)
+    special = special and T >= 3
     if special:
         S[0, 2, :4] = [np.inf, -np.inf, np.nan, 0]
         S[1, 5] = F32(2.0)                                   # an all-equal row
@@ -78,10 +80,14 @@ def random_case(rng, special):
                                    len_add=-3, kvh=1, rep=4, cap=128, scale=float(sfu.score_scale(32)))),
         Instr(Opcode.SOFTMAX, dict(src=Buf.S, dst=Buf.PQ, aux=Buf.VS, rows_reg=Reg.CLEN, len_reg=Reg.LEN,
                                    kvh=0, rep=3, cap=128, sink=1, window=2, scale=0.125)),   # block-sparse
+        Instr(Opcode.SOFTMAX, dict(src=Buf.S, dst=Buf.PQ, aux=Buf.VS, rows_reg=Reg.CLEN, len_reg=Reg.LEN,
+                                   kvh=0, kvn=2, rep=3, cap=128, scale=0.2)),            # two kv heads
         Instr(Opcode.FILL, dict(dst=Buf.G, n=n, imm=-1.5, **c)),
         Instr(Opcode.ARGMAX, dict(src=Buf.X, n=n, **c)),
     ]
-    return make_case(PARAMS, bufs, tables, plan, prog, regs)
+    case = make_case(PARAMS, bufs, tables, plan, prog, regs)
+    case.update(prog=prog, plan=plan, regs=regs)
+    return case
 
 
 @pytest.mark.rtl
@@ -123,7 +129,9 @@ def smollm2_cases():
             return None if a is None else (a.copy() if b in (Buf.KS.value, Buf.VS.value) else a[:rows].copy())
 
         bufs = {b: (tuple(crop(b, a) for a in v) if isinstance(v, tuple) else crop(b, v)) for b, v in g.bufs.items()}
-        cases.append((mode, make_case(PARAMS, bufs, g.tables, dev.plan, tail, list(g.regs))))
+        case = make_case(PARAMS, bufs, g.tables, dev.plan, tail, list(g.regs))
+        case.update(prog=tail, plan=dev.plan, regs=list(g.regs))
+        cases.append((mode, case))
     return cases
 
 
