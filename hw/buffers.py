@@ -36,6 +36,9 @@ the heads one after the other, ``cap`` elements each; a head's probability facto
 start at a whole word (``ceil(cap / 32 / L)`` words per head), so every SFU access is
 word-aligned.
 
+Placement: regions of at least :data:`URAM_MIN_WORDS` words carry ``ram_style = "ultra"``
+(UltraRAM), the others ``"block"`` (:func:`ram_style`).
+
 Ports
 -----
 :class:`Buffers` has one :func:`port_signature` port per client (the SFU's streams, a
@@ -62,7 +65,7 @@ from .isa import Buf
 from .params import HwParams
 
 __all__ = ["Region", "buffer_map", "region_ids", "capacity", "port_signature", "Buffers", "READ_LATENCY",
-           "SIDE_SEGMENT", "TABLES", "images", "read_rows"]
+           "SIDE_SEGMENT", "TABLES", "images", "read_rows", "ram_style", "URAM_MIN_WORDS"]
 
 SIDE_SEGMENT = 32               #: smallest segment / group with its own scale / factor
 READ_LATENCY = 2                #: request accepted from a client's FIFO -> read data valid
@@ -125,6 +128,18 @@ def buffer_map(p: HwParams) -> dict:
         nid += 2
     out[TABLES] = Region(nid, TABLES, 32, 1, _ceil(p.buf_tables, L), p.buf_tables)
     return out
+
+
+#: a region at least this deep (words) goes to UltraRAM (4K x 72 per URAM288); shallower ones
+#: to block RAM, where they waste less (a 2K-deep URAM column is half empty)
+URAM_MIN_WORDS = 4096
+
+
+def ram_style(reg: Region, lanes: int) -> dict:
+    """The synthesis attribute placing region ``reg``: ``ram_style = "ultra"`` for deep
+    regions (the scores, probabilities, logits, tables, KV scales and FFN buffers on the big
+    presets), ``"block"`` otherwise (Vivado and Yosys both read it)."""
+    return {"ram_style": "ultra" if reg.words >= URAM_MIN_WORDS else "block"}
 
 
 def region_ids(p: HwParams) -> int:
@@ -191,7 +206,8 @@ class Buffers(wiring.Component):
         if unknown:
             raise ValueError(f"Buffers: init for region(s) {sorted(unknown)} that are not built")
         self.mems = {name: Memory(shape=data.ArrayLayout(reg.bits, L), depth=reg.words,
-                                  init=[[int(v) for v in w] for w in np.asarray(init[name])] if name in init else [])
+                                  init=[[int(v) for v in w] for w in np.asarray(init[name])] if name in init else [],
+                                  attrs=ram_style(reg, L))
                      for name, reg in self.regions.items()}
         sig = port_signature(params)
         super().__init__({f"port_{c}": In(sig) for c in self.clients})
