@@ -72,8 +72,7 @@ _sim = lambda: _preset("sim")                                                   
 _u280 = lambda: _preset("u280")                                                      # noqa: E731
 _u280_reduced = lambda: _preset("u280", name="u280-sfu8", sfu_lanes=U280_LANES_REDUCED)  # noqa: E731
 
-#: (key, constructor, top name). Another unit is one more line, e.g. the on-chip buffers:
-#: ("u280_buffers", _hw("buffers", "Buffers", _u280), "flightllm_buffers"),
+#: (key, constructor, top name). Another unit is one more line.
 UNITS = (
     ("fadd", _hw("fp32", "FAdd"), "fadd"),
     ("fmul", _hw("fp32", "FMul"), "fmul"),
@@ -88,6 +87,9 @@ UNITS = (
     ("u280_mpe_out_lane", _hw("mpe_out", "MpeOutLane", lambda: _u280().acc_bits), "mpe_out_lane"),
     ("sim_sfu", _hw("sfu", "SfuCore", _sim), "flightllm_sfu"),
     ("u280_sfu_8lanes", _hw("sfu", "SfuCore", _u280_reduced), "flightllm_sfu"),
+    # the on-chip buffers with the SFU unit's four clients and a host port
+    ("sim_buffers", _hw("buffers", "BuffersTop", _sim), "flightllm_buffers"),
+    ("u280_buffers", _hw("buffers", "BuffersTop", _u280), "flightllm_buffers"),
     ("u280_sfu", _hw("sfu", "SfuCore", _u280), "flightllm_sfu"),
 )
 #: Synthesised without --units (the full u280 core is asked for by name: it is slow).

@@ -65,7 +65,7 @@ from .isa import Buf
 from .params import HwParams
 
 __all__ = ["Region", "buffer_map", "region_ids", "capacity", "port_signature", "Buffers", "READ_LATENCY",
-           "SIDE_SEGMENT", "TABLES", "images", "read_rows", "ram_style", "URAM_MIN_WORDS"]
+           "SIDE_SEGMENT", "TABLES", "images", "read_rows", "ram_style", "URAM_MIN_WORDS", "BuffersTop"]
 
 SIDE_SEGMENT = 32               #: smallest segment / group with its own scale / factor
 READ_LATENCY = 2                #: request accepted from a client's FIFO -> read data valid
@@ -365,3 +365,33 @@ def read_rows(p: HwParams, name: str, img: np.ndarray, rows: int, entries: int, 
     if heads is None:
         return flat[:, :entries]
     return flat[:, :heads * per_head].reshape(rows, heads, per_head)[:, :, :entries]
+
+
+class BuffersTop(wiring.Component):
+    """:class:`Buffers` with each client's port as plain top-level streams (``<client>_rd_req``,
+    ``<client>_rd_data`` with an unused ``ready``, ``<client>_wr``, ``<client>_wr_done``): a
+    top for synthesis, where the always-ready read data's constant ``ready`` cannot be a port."""
+
+    def __init__(self, params: HwParams, clients=("host", "x", "s2", "tab", "wr")):
+        self.buffers = Buffers(params, clients=clients)
+        self.clients = tuple(clients)
+        h = port_signature(params).members
+        sig = {}
+        for c in self.clients:
+            sig[f"{c}_rd_req"] = In(h["rd_req"].signature)
+            sig[f"{c}_rd_data"] = Out(stream.Signature(h["rd_data"].signature.members["payload"].shape))
+            sig[f"{c}_wr"] = In(h["wr"].signature)
+            sig[f"{c}_wr_done"] = Out(1)
+        super().__init__(sig)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.buffers = self.buffers
+        for c in self.clients:
+            port = self.buffers.port(c)
+            wiring.connect(m, wiring.flipped(getattr(self, f"{c}_rd_req")), port.rd_req)
+            wiring.connect(m, wiring.flipped(getattr(self, f"{c}_wr")), port.wr)
+            d = getattr(self, f"{c}_rd_data")
+            m.d.comb += [d.valid.eq(port.rd_data.valid), d.payload.eq(port.rd_data.payload),
+                         getattr(self, f"{c}_wr_done").eq(port.wr_done)]
+        return m
