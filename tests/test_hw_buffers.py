@@ -122,3 +122,14 @@ def _run(seed, stall=0.3, n_ops=300):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_three_clients_with_stalls(seed):
     _run(seed)
+
+
+def test_buffers_top_is_a_plain_top():
+    """BuffersTop (the synthesis top) converts: every port a signal, one set per client."""
+    from amaranth.back import rtlil
+
+    from flightllm.hw.buffers import BuffersTop
+    text = rtlil.convert(BuffersTop(P, clients=("host", "sfu")), name="flightllm_buffers")
+    for c in ("host", "sfu"):
+        for port in ("rd_req__valid", "rd_data__payload", "wr__ready", "wr_done"):
+            assert f"\\{c}_{port}" in text, (c, port)
