@@ -64,8 +64,9 @@ from amaranth.lib.wiring import In, Out
 from .isa import Buf
 from .params import HwParams
 
-__all__ = ["Region", "buffer_map", "region_ids", "capacity", "port_signature", "Buffers", "READ_LATENCY",
-           "SIDE_SEGMENT", "TABLES", "images", "read_rows", "ram_style", "URAM_MIN_WORDS", "BuffersTop"]
+__all__ = ["Region", "buffer_map", "capacity", "port_signature", "Buffers", "READ_LATENCY",
+           "SIDE_SEGMENT", "TABLES", "images", "ram_style", "URAM_MIN_WORDS", "BuffersTop", "top_port_members",
+           "connect_top_port"]
 
 SIDE_SEGMENT = 32               #: smallest segment / group with its own scale / factor
 READ_LATENCY = 2                #: request accepted from a client's FIFO -> read data valid
@@ -111,12 +112,13 @@ def buffer_map(p: HwParams) -> dict:
     :class:`Buf` values for the buffers' elements, then the side arrays and the tables."""
     L = p.sfu_lanes
     out, nid = {}, len(Buf)
-    for b, (rows, width) in capacity(p).items():
+    cap = capacity(p)
+    for b, (rows, width) in cap.items():
         if b in (Buf.KS, Buf.VS):
             rows, width = width, rows                   # stored transposed: a row per kv head
         out[b.name] = Region(b.value, b.name, 8 if b in _INT8 else 32, rows, _ceil(width, L), width)
     for b in _INT8:
-        rows, width = capacity(p)[b]
+        rows, width = cap[b]
         side = width // SIDE_SEGMENT
         fw, fside = _ceil(side, L), side
         if b == Buf.PQ:                                 # a head's factors start at a whole word
@@ -140,11 +142,6 @@ def ram_style(reg: Region, lanes: int) -> dict:
     regions (the scores, probabilities, logits, tables, KV scales and FFN buffers on the big
     presets), ``"block"`` otherwise (Vivado and Yosys both read it)."""
     return {"ram_style": "ultra" if reg.words >= URAM_MIN_WORDS else "block"}
-
-
-def region_ids(p: HwParams) -> int:
-    """How many regions there are (the width of a port's region field is its bit length)."""
-    return len(buffer_map(p))
 
 
 def port_signature(p: HwParams) -> wiring.Signature:
@@ -355,16 +352,24 @@ def images(p: HwParams, buf: Buf, value) -> dict:
     return out
 
 
-def read_rows(p: HwParams, name: str, img: np.ndarray, rows: int, entries: int, heads: int | None = None,
-              per_head: int | None = None) -> np.ndarray:
-    """Entries ``[0, entries)`` of rows ``[0, rows)`` of region ``name`` from its image, as
-    uint32 words; with ``heads``, ``heads`` sub-rows of ``per_head`` entries each (the
-    first ``entries`` of each)."""
-    reg = buffer_map(p)[name]
-    flat = np.asarray(img).reshape(reg.rows, reg.row_words * p.sfu_lanes)[:rows]
-    if heads is None:
-        return flat[:, :entries]
-    return flat[:, :heads * per_head].reshape(rows, heads, per_head)[:, :, :entries]
+def top_port_members(params: HwParams, prefix: str) -> dict:
+    """A client port as plain top-level members ``<prefix>_rd_req``, ``<prefix>_rd_data`` (its
+    ``ready`` unused), ``<prefix>_wr``, ``<prefix>_wr_done``: the always-ready read data's
+    constant ``ready`` cannot be a top-level port. Wire them with :func:`connect_top_port`."""
+    h = port_signature(params).members
+    return {f"{prefix}_rd_req": In(h["rd_req"].signature),
+            f"{prefix}_rd_data": Out(stream.Signature(h["rd_data"].signature.members["payload"].shape)),
+            f"{prefix}_wr": In(h["wr"].signature),
+            f"{prefix}_wr_done": Out(1)}
+
+
+def connect_top_port(m, top, prefix: str, port) -> None:
+    """Connect the :func:`top_port_members` ``prefix`` of component ``top`` to buffer port ``port``."""
+    wiring.connect(m, wiring.flipped(getattr(top, f"{prefix}_rd_req")), port.rd_req)
+    wiring.connect(m, wiring.flipped(getattr(top, f"{prefix}_wr")), port.wr)
+    d = getattr(top, f"{prefix}_rd_data")
+    m.d.comb += [d.valid.eq(port.rd_data.valid), d.payload.eq(port.rd_data.payload),
+                 getattr(top, f"{prefix}_wr_done").eq(port.wr_done)]
 
 
 class BuffersTop(wiring.Component):
@@ -375,23 +380,14 @@ class BuffersTop(wiring.Component):
     def __init__(self, params: HwParams, clients=("host", "x", "s2", "tab", "wr")):
         self.buffers = Buffers(params, clients=clients)
         self.clients = tuple(clients)
-        h = port_signature(params).members
         sig = {}
         for c in self.clients:
-            sig[f"{c}_rd_req"] = In(h["rd_req"].signature)
-            sig[f"{c}_rd_data"] = Out(stream.Signature(h["rd_data"].signature.members["payload"].shape))
-            sig[f"{c}_wr"] = In(h["wr"].signature)
-            sig[f"{c}_wr_done"] = Out(1)
+            sig.update(top_port_members(params, c))
         super().__init__(sig)
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.buffers = self.buffers
         for c in self.clients:
-            port = self.buffers.port(c)
-            wiring.connect(m, wiring.flipped(getattr(self, f"{c}_rd_req")), port.rd_req)
-            wiring.connect(m, wiring.flipped(getattr(self, f"{c}_wr")), port.wr)
-            d = getattr(self, f"{c}_rd_data")
-            m.d.comb += [d.valid.eq(port.rd_data.valid), d.payload.eq(port.rd_data.payload),
-                         getattr(self, f"{c}_wr_done").eq(port.wr_done)]
+            connect_top_port(m, self, c, self.buffers.port(c))
         return m

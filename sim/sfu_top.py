@@ -11,7 +11,7 @@ from amaranth import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from ..hw.buffers import Buffers, port_signature
+from ..hw.buffers import Buffers, connect_top_port, top_port_members
 from ..hw.params import HwParams
 from ..hw.sfu_unit import SfuOp, SfuUnit
 
@@ -24,15 +24,11 @@ class SfuTestTop(wiring.Component):
     def __init__(self, params: HwParams, init=None):
         self.unit = SfuUnit(params)
         self.bufs = Buffers(params, clients=("host",) + PORTS, init=init)
-        host = port_signature(params).members         # as top-level ports: no constant readys
         super().__init__({
             "op": In(stream.Signature(SfuOp)),
             "done": Out(1),
             "argmax_valid": Out(1), "argmax": Out(32),
-            "host_rd_req": In(host["rd_req"].signature),
-            "host_rd_data": Out(stream.Signature(host["rd_data"].signature.members["payload"].shape)),
-            "host_wr": In(host["wr"].signature),
-            "host_wr_done": Out(1),
+            **top_port_members(params, "host"),
             "stall": In(len(PORTS)),
         })
 
@@ -40,12 +36,8 @@ class SfuTestTop(wiring.Component):
         m = Module()
         m.submodules.unit, m.submodules.bufs = self.unit, self.bufs
         wiring.connect(m, wiring.flipped(self.op), self.unit.op)
-        h = self.bufs.port("host")
-        wiring.connect(m, wiring.flipped(self.host_rd_req), h.rd_req)
-        wiring.connect(m, wiring.flipped(self.host_wr), h.wr)
-        m.d.comb += [self.host_rd_data.valid.eq(h.rd_data.valid), self.host_rd_data.payload.eq(h.rd_data.payload),
-                     self.host_wr_done.eq(h.wr_done),
-                     self.done.eq(self.unit.done), self.argmax_valid.eq(self.unit.argmax.valid),
+        connect_top_port(m, self, "host", self.bufs.port("host"))
+        m.d.comb += [self.done.eq(self.unit.done), self.argmax_valid.eq(self.unit.argmax.valid),
                      self.argmax.eq(self.unit.argmax.payload)]
         for k, name in enumerate(PORTS):
             u, b = getattr(self.unit, name), self.bufs.port(name)
