@@ -74,7 +74,7 @@ from amaranth.lib import data
 from ..hw.buffers import capacity
 from ..hw.formats import ALIGN, WeightFormat, align, region_bytes
 from ..hw.isa import (NO_LIMIT, PER_HEAD, AttnFmt, TOKEN_UNITS, UNIT_OF, Buf, Instr, Opcode, Reg, Space, Unit,
-                      encode_program)
+                      encode_program, loop_trips, setr_value)
 from ..hw.kvcache import KV_GROUP, K, V, KvLayout
 from ..hw.params import HwParams
 from ..hw.sfu import sfu_max_rows
@@ -601,13 +601,13 @@ def shape_manifest(cfg: ModelConfig, params: HwParams, fmt: str = "int4/32", emb
 
 def _setr(regs, ins):
     f = ins.f
-    v = regs[_ri(f.get("rb", 0))] + regs[_ri(f.get("ra", 0))] * f.get("mul", 0) + f.get("add", 0)
-    return np.minimum(v, f.get("lim", 0))
+    return setr_value(regs, _ri(f.get("rb", 0)), _ri(f.get("ra", 0)), f.get("mul", 0), f.get("add", 0),
+                      f.get("lim", 0))
 
 
 def _trips(regs, ins):
     f = ins.f
-    return np.maximum(regs[_ri(f.get("ra", 0))] + f.get("add", 0), 0) >> f.get("shr", 0)
+    return loop_trips(regs, _ri(f.get("ra", 0)), f.get("add", 0), f.get("shr", 0))
 
 
 def unroll(prog, pos: int, length: int) -> list:

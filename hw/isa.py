@@ -87,12 +87,14 @@ from amaranth.lib import data, enum
 __all__ = ["WORD_BITS", "WORD_BYTES", "LOOP_DEPTH", "Opcode", "Unit", "Reg", "Buf", "PER_HEAD", "Space",
            "Header", "FORMATS", "UNIT_OF", "Instr", "IsaError", "encode", "decode",
            "encode_program", "decode_program", "encode_slow", "decode_slow", "disasm",
-           "markdown_table", "f32_bits", "bits_f32", "FLOAT_FIELDS", "NO_LIMIT"]
+           "markdown_table", "f32_bits", "bits_f32", "FLOAT_FIELDS", "NO_LIMIT", "REG_FIELDS", "MAX_REG_FIELDS",
+           "reg_values", "setr_value", "loop_trips", "REG_BITS"]
 
 WORD_BITS = 128
 WORD_BYTES = WORD_BITS // 8
 LOOP_DEPTH = 4
 NO_LIMIT = 0xFFFFFFFF
+REG_BITS = 32
 
 
 class IsaError(ValueError):
@@ -359,6 +361,37 @@ for _fmt, _fl in _FIELDS.items():
     _size = data.Layout.cast(_fmt).size
     assert _size <= WORD_BITS, f"{_fmt.__name__} is {_size} bits"
     assert _fl["opcode"][:2] == (0, 6), _fmt
+
+
+#: The register-read fields of each unit format, in layout order: the dispatcher reads
+#: these registers when it enqueues an instruction and hands their values to the unit
+#: with the word (``hw/control.py``), so a queued instruction no longer depends on them.
+REG_FIELDS = {fmt: tuple(n for n, (o, w, sh) in sorted(fl.items(), key=lambda kv: kv[1][0]) if sh is Reg)
+              for fmt, fl in _FIELDS.items() if fmt is not SysFmt}
+MAX_REG_FIELDS = max(len(v) for v in REG_FIELDS.values())
+
+
+def reg_values(ins: "Instr", regs) -> list:
+    """The values the dispatcher reads for ``ins``'s register fields (:data:`REG_FIELDS`)."""
+    return [int(regs[Reg(ins.f.get(n, 0)).value]) for n in REG_FIELDS[FORMATS[Opcode(ins.op)]]]
+
+
+def setr_value(regs, rb, ra, mul, add, lim):
+    """``SETR``: ``min((R[rb] + R[ra] * mul + add) mod 2**32, lim)`` (unsigned compare).
+
+    ``regs`` may hold ints or numpy int64 arrays (one column per run)."""
+    import numpy as np
+
+    v = (regs[rb] + regs[ra] * mul + add) & ((1 << REG_BITS) - 1)
+    return np.minimum(v, lim) if isinstance(v, np.ndarray) else min(v, lim)
+
+
+def loop_trips(regs, ra, add, shr):
+    """``LOOP``: ``max(0, R[ra] + add) >> shr`` trips (``R[ra]`` unsigned, ``add`` signed)."""
+    import numpy as np
+
+    v = regs[ra] + add
+    return (np.maximum(v, 0) if isinstance(v, np.ndarray) else max(v, 0)) >> shr
 
 
 def _shape_range(shape):

@@ -69,24 +69,34 @@ from amaranth.lib import enum
 
 from ..hw.sfu_program import TREE_WIDTH, sum_passes
 from ..hw.formats import ALIGN, PackedTensor, WeightFormat, align, region_bytes, unpack_tensor
-from ..hw.isa import LOOP_DEPTH, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space
+from ..hw.isa import LOOP_DEPTH, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Reg, Space, loop_trips, setr_value
 from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
 from .arith import mpe_accumulate, prepare_weights
 from .timing import Timing, timing_for
 
-__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads"]
+__all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads", "walk",
+           "prepare_control"]
 
 F32 = np.float32
 
 
 class GoldenError(ValueError):
-    """A program the golden model cannot execute; names the instruction and field."""
+    """A program the golden model cannot execute; names the instruction and field.
+
+    ``status``: the kernel's status code for the same fault (a name of
+    :class:`flightllm.hw.regmap.Status`), ``pc``: the instruction (None if neither applies).
+    """
+
+    def __init__(self, msg, status: str = "BAD_FIELD", pc: int | None = None):
+        super().__init__(msg)
+        self.status, self.pc = status, pc
 
 
 class DeadlockError(GoldenError):
-    pass
+    def __init__(self, msg, status: str = "DEADLOCK", pc: int | None = None):
+        super().__init__(msg, status, pc)
 
 
 def set_blas_threads(n: int) -> bool:
@@ -219,6 +229,86 @@ class RunStats:
 
 class _Weight:
     __slots__ = ("qt", "S", "M", "shift", "fmt", "wg", "nbytes", "region")
+
+
+def walk(prog, regs, issue, barrier=None):
+    """The dispatcher: run ``prog``'s SYS instructions and hand every unit instruction, in
+    program order, to ``issue(pc, ci)``; the specification of ``hw/control.py``.
+
+    ``prog``: prepared instructions (:class:`_CI`, :func:`prepare_control`); ``regs``: the
+    16 registers (a list, updated in place). ``barrier(where)`` is called at every barrier
+    (``LOOP`` entry, each back edge, ``END``). Dependency tokens are counted as they are
+    dispatched: a wait on a token FIFO no earlier instruction has signalled is a deadlock,
+    a token left at a barrier is unbalanced. Faults raise :class:`GoldenError` with the
+    kernel's status code and the instruction index.
+    """
+    tok = [0] * (_NU * _NU)
+    stack = []                          # open loops: [loop pc, body start, body end, trips, j, idx]
+    pc, n = 0, len(prog)
+
+    def bar(where, at):
+        if barrier is not None:
+            barrier(where)
+        for q, c in enumerate(tok):
+            if c:
+                a, b = divmod(q, _NU)
+                raise DeadlockError(f"{where}: {c} token(s) from {_UNAMES[a]} to {_UNAMES[b]} never "
+                                    "consumed before a barrier (unbalanced wait/signal)", "UNBALANCED_TOKENS", at)
+
+    while True:
+        while stack and pc == stack[-1][2]:
+            lp = stack[-1]
+            bar(f"instruction {lp[0]} (LOOP back edge)", lp[0])
+            lp[4] += 1
+            if lp[4] < lp[3]:
+                if lp[5]:
+                    regs[lp[5]] = lp[4]
+                pc = lp[1]
+            else:
+                stack.pop()
+        if pc >= n:
+            raise GoldenError("program ran past its last instruction without END", "PAST_END", pc)
+        ci = prog[pc]
+        kind = ci.kind
+        if kind == _K_OP:
+            for qi, pu in ci.waits:
+                if not tok[qi]:
+                    raise DeadlockError(f"instruction {pc} ({ci.op.name}) waits for a token from "
+                                        f"{_UNAMES[pu]} that no earlier instruction signalled (deadlock)", "DEADLOCK", pc)
+                tok[qi] -= 1
+            for qi in ci.sigs:
+                tok[qi] += 1
+            issue(pc, ci)
+        elif kind == _K_SETR:
+            rb, ra, mul, add, lim, rd = ci.setr
+            if rd:
+                regs[rd] = setr_value(regs, rb, ra, mul, add, lim)
+        elif kind == _K_LOOP:
+            body, ra, add, shr, idx = ci.loop
+            hi = stack[-1][2] if stack else n
+            if pc + 1 + body > hi:
+                raise GoldenError(f"instruction {pc} (LOOP): body of {body} runs past its enclosing block",
+                                  "LOOP_ERROR", pc)
+            if len(stack) >= LOOP_DEPTH:
+                raise GoldenError(f"instruction {pc} (LOOP): nesting deeper than the loop stack ({LOOP_DEPTH})",
+                                  "LOOP_ERROR", pc)
+            bar(f"instruction {pc} (LOOP)", pc)
+            trips = loop_trips(regs, ra, add, shr)
+            if trips:
+                if idx:
+                    regs[idx] = 0
+                stack.append([pc, pc + 1, pc + 1 + body, trips, 0, idx])
+            else:
+                pc += body
+        elif kind == _K_END:
+            bar(f"instruction {pc} (END)", pc)
+            return
+        pc += 1
+
+
+def prepare_control(prog) -> list:
+    """``prog`` (:class:`~flightllm.hw.isa.Instr` list) prepared for :func:`walk` alone."""
+    return [_CI(ins) for ins in prog]
 
 
 class Golden:
@@ -453,7 +543,7 @@ class Golden:
         self._opc, self._opn = [0.0] * nop, [0] * nop
         self._prog = self._prepare(prog)
         try:
-            ended = self._exec(0, len(prog), 0)
+            self._exec()
         finally:
             for u in range(_NU):
                 st.busy[_UNAMES[u]] += math.ceil(self._busy[u])
@@ -463,8 +553,6 @@ class Golden:
                     st.op_cycles[o.name] = math.ceil(self._opc[o.value])
                     st.op_count[o.name] = self._opn[o.value]
             st.instructions = sum(self._opn)
-        if not ended:
-            raise GoldenError("program ran past its last instruction without END")
         st.cycles = math.ceil(self._done)
         return st
 
@@ -472,11 +560,6 @@ class Golden:
         t = self._done
         self._free = [t] * _NU
         self._fetch_free = self._hbm_free = t
-        for idx, q in enumerate(self._fifo):
-            if q:
-                a, b = divmod(idx, _NU)
-                raise DeadlockError(f"{where}: {len(q)} token(s) from {_UNAMES[a]} to {_UNAMES[b]} never "
-                                    "consumed before a barrier (unbalanced wait/signal)")
 
     def _issue(self, pc, ci):
         """Schedule one instruction by the ISA's overlap rules (hw/isa.py) and run it."""
@@ -557,41 +640,8 @@ class Golden:
         self._opc[ci.opv] += free - start
         self._opn[ci.opv] += 1
 
-    def _exec(self, lo, hi, depth):
-        prog, regs = self._prog, self.regs
-        pc = lo
-        while pc < hi:
-            ci = prog[pc]
-            kind = ci.kind
-            if kind == _K_OP:
-                self._issue(pc, ci)
-            elif kind == _K_SETR:
-                rb, ra, mul, add, lim, rd = ci.setr
-                v = regs[rb] + regs[ra] * mul + add
-                v = min(v & 0xFFFFFFFF, lim)
-                if rd:
-                    regs[rd] = v
-            elif kind == _K_LOOP:
-                body, ra, add, shr, idx = ci.loop
-                if pc + 1 + body > hi:
-                    raise GoldenError(f"instruction {pc} (LOOP): body of {body} runs past its enclosing block")
-                if depth >= LOOP_DEPTH:
-                    raise GoldenError(f"instruction {pc} (LOOP): nesting deeper than the loop stack ({LOOP_DEPTH})")
-                self._barrier(f"instruction {pc} (LOOP)")
-                trips = max(0, regs[ra] + add) >> shr
-                for j in range(trips):
-                    if idx:
-                        regs[idx] = j
-                    if self._exec(pc + 1, pc + 1 + body, depth + 1):
-                        return True
-                    self._barrier(f"instruction {pc} (LOOP back edge)")
-                pc += 1 + body
-                continue
-            elif kind == _K_END:
-                self._barrier(f"instruction {pc} (END)")
-                return True
-            pc += 1
-        return False
+    def _exec(self):
+        return walk(self._prog, self.regs, self._issue, self._barrier)
 
     # -- attention ------------------------------------------------------------------
     def _kv_check(self, i, ins, kind, bits, head_dim, cap):

@@ -26,7 +26,7 @@ from typing import Callable
 from flightllm.hw.build import TOP_NAME, _write_atomic, build_verilog
 from flightllm.hw.params import HwParams
 
-__all__ = ["VERILATOR_WAIVERS", "verilator_env", "build_dir", "build", "run", "Design", "MPE", "SFU"]
+__all__ = ["VERILATOR_WAIVERS", "verilator_env", "build_dir", "build", "run", "Design", "MPE", "SFU", "CONTROL"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIM_BUILD = pathlib.Path(os.environ.get("FLIGHTLLM_SIM_BUILD", ROOT / "sim_build"))
@@ -92,6 +92,9 @@ class Design:
     top: str
     make: Callable
     sources: tuple
+    #: Verilator warnings waived for this design only (beyond :data:`VERILATOR_WAIVERS`), each
+    #: with the reason: ``{warning: reason}`` as items
+    waivers: tuple = ()
 
 
 def _mpe(params):
@@ -104,6 +107,11 @@ def _sfu(params):
     return SfuTestTop(params)
 
 
+def _control(params):
+    from flightllm.sim.axil_top import ControlTestTop
+    return ControlTestTop(params)
+
+
 #: The matrix engine (what ``flightllm build-hw`` writes).
 MPE = Design("mpe", TOP_NAME, _mpe, ("hw/params.py", "hw/formats.py", "hw/geometry.py", "hw/dequant.py",
                                      "hw/chain.py", "hw/mpe.py", "hw/build.py"))
@@ -112,6 +120,11 @@ SFU = Design("sfu", "flightllm_sfu", _sfu, ("hw/params.py", "hw/isa.py", "hw/geo
                                              "hw/fexp.py", "hw/sfu_program.py", "hw/sfu_lane.py", "hw/sfu.py",
                                              "hw/buffers.py", "hw/sfu_unit.py", "runtime/sfu.py",
                                              "sim/sfu_top.py"))
+#: The s_axi_control slave with flat ``s_axi_control_*`` ports (sim/axil_top.py).
+CONTROL = Design("control", "flightllm_control", _control, ("hw/params.py", "hw/isa.py", "hw/regmap.py",
+                                                             "hw/axil.py", "sim/axil_top.py"),
+                 waivers=(("SYMRSVDWORD", "Vitis requires the kernel's interrupt output to be named "
+                                          "`interrupt`, a C++ keyword-like word Verilator renames"),))
 
 
 def build_dir(params: HwParams, design: Design = MPE) -> pathlib.Path:
@@ -177,7 +190,8 @@ def build(params: HwParams, waves: bool = False, design: Design = MPE):
     runner.build(
         sources=[vfile], hdl_toplevel=design.top, build_dir=sdir, waves=waves,
         # -Wall plus the named waivers keeps the simulator build as strict as the lint test
-        build_args=[*(trace_args() if waves else []), "-Wall", *waiver_args(), "-O2", "--x-assign", "0"],
+        build_args=[*(trace_args() if waves else []), "-Wall", *waiver_args(),
+                    *(f"-Wno-{w}" for w, _ in design.waivers), "-O2", "--x-assign", "0"],
         timescale=("1ns", "1ps"), always=False, log_file=sdir / "build.log")
     return sdir, runner
 
