@@ -42,7 +42,7 @@ index of the last row leaves on ``argmax`` (for the ARGMAX register).
 """
 
 
-from amaranth import Array, Const, Module, Mux, Shape, Signal, unsigned
+from amaranth import Array, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -51,7 +51,7 @@ from .isa import Buf, Opcode
 from .params import HwParams
 from .sfu import ARGMAX, DST, FACTOR, OUT_COUNT_BITS, SCALE, S2, TAB, X, XF, XS, SfuCore
 
-__all__ = ["SfuOp", "SfuUnit", "sfu_op"]
+__all__ = ["SfuOp", "SfuUnit", "sfu_op", "SfuDecode", "SfuKernelUnit"]
 
 _RECIP_BITS = 16
 _BUF = Shape.cast(Buf)
@@ -317,4 +317,145 @@ class SfuUnit(wiring.Component):
             dec = fin & (oo.dst == b.value) & (oo.op != Opcode.ARGMAX.value)
             m.d.sync += busy[b.value].eq(busy[b.value] + inc - dec)
         m.d.sync += self.done.eq(fin)
+        return m
+
+
+class SfuDecode(wiring.Component):
+    """A dispatcher queue entry (:func:`flightllm.hw.control.entry_layout`) of an SFU
+    instruction -> :class:`SfuOp`: :func:`sfu_op` in RTL, one register stage.
+
+    Entries whose registers do not fit the op (``rows`` outside 1..255, SOFTMAX's attended
+    length outside 1..``cap``, a ROPE position beyond 16 bits) leave as a ``fault`` with their
+    pc instead of an op (the golden model raises for the same instructions).
+
+    Attributes
+    ----------
+    entry : In(stream of entry_layout())
+    op : Out(stream of SfuOp)
+    fault : Out(1), fault_pc : Out(32)
+        Held until ``clear``.
+    clear : In(1)
+    """
+
+    def __init__(self):
+        from .control import PC_BITS, entry_layout
+        super().__init__({
+            "entry": In(stream.Signature(entry_layout())),
+            "op": Out(stream.Signature(SfuOp)),
+            "fault": Out(1), "fault_pc": Out(PC_BITS), "clear": In(1),
+        })
+
+    def elaborate(self, platform):
+        from .isa import _FIELDS, SfuFmt, SoftFmt
+
+        m = Module()
+        e = self.entry.payload
+        w = e.word
+
+        def fld(fmt, name):
+            off, width, _ = _FIELDS[fmt][name]
+            return w[off:off + width]
+
+        op = w[:6]
+        is_sm = op == Opcode.SOFTMAX.value
+        rows_reg = fld(SfuFmt, "rows_reg")          # the same bits in SoftFmt
+        assert _FIELDS[SfuFmt]["rows_reg"][:2] == _FIELDS[SoftFmt]["rows_reg"][:2]
+        rows = Signal(32)
+        m.d.comb += rows.eq(Mux(rows_reg != 0, e.regs[0], 1))
+        valid = Signal(signed(34))
+        m.d.comb += valid.eq(e.regs[1] + fld(SoftFmt, "len_add").as_signed())
+        cap = fld(SoftFmt, "cap")
+        kvn = fld(SoftFmt, "kvn")
+        bad = Signal()
+        m.d.comb += bad.eq((rows == 0) | (rows > 255)
+                           | (is_sm & ((valid < 1) | (valid + rows - 1 > cap)))
+                           | ((op == Opcode.ROPE.value) & (e.regs[1] >> 16 != 0)))
+        o = Signal(SfuOp)
+        with m.If(is_sm):
+            m.d.comb += [o.src.eq(fld(SoftFmt, "src")), o.src2.eq(fld(SoftFmt, "aux")), o.dst.eq(fld(SoftFmt, "dst")),
+                         o.valid.eq(valid), o.kvh.eq(fld(SoftFmt, "kvh")), o.rep.eq(fld(SoftFmt, "rep")),
+                         o.cap.eq(cap), o.sink.eq(fld(SoftFmt, "sink")), o.window.eq(fld(SoftFmt, "window")),
+                         o.imm.eq(fld(SoftFmt, "scale")), o.kvn.eq(Mux(kvn == 0, 1, kvn))]
+        with m.Else():
+            m.d.comb += [o.src.eq(fld(SfuFmt, "src")), o.src2.eq(fld(SfuFmt, "src2")), o.dst.eq(fld(SfuFmt, "dst")),
+                         o.n.eq(fld(SfuFmt, "n")), o.seg.eq(fld(SfuFmt, "seg")),
+                         o.grouped.eq(fld(SfuFmt, "aux") == 1), o.table.eq(fld(SfuFmt, "table")),
+                         o.imm.eq(fld(SfuFmt, "imm")),
+                         o.pos.eq(Mux(op == Opcode.ROPE.value, e.regs[1], 0))]
+        m.d.comb += [o.op.eq(op), o.rows.eq(rows)]
+
+        # one register stage: the entry is taken when the output register is free
+        m.d.comb += self.entry.ready.eq(~self.op.valid & ~self.fault)
+        with m.If(self.op.valid & self.op.ready):
+            m.d.sync += self.op.valid.eq(0)
+        with m.If(self.entry.valid & self.entry.ready):
+            with m.If(bad):
+                m.d.sync += [self.fault.eq(1), self.fault_pc.eq(e.pc)]
+            with m.Else():
+                m.d.sync += [self.op.payload.eq(o), self.op.valid.eq(1)]
+        with m.If(self.clear):
+            m.d.sync += [self.fault.eq(0), self.op.valid.eq(0)]
+        return m
+
+
+class SfuKernelUnit(wiring.Component):
+    """The SFU unit under the kernel's unit contract (``docs/kernel.md``): queue entries in
+    through :class:`SfuDecode`, :class:`SfuUnit` on the buffers.
+
+    ``abort`` holds the unit in reset, and keeps it there :data:`ABORT_HOLD` cycles after
+    it falls, so that buffer reads still on their way land in a unit that is in reset.
+
+    Attributes
+    ----------
+    issue : In(stream of entry_layout())
+    done, busy, fault : Out(1)
+    fault_pc : Out(32)
+    abort : In(1)
+    x, s2, tab, wr : Out(buffer port)
+    argmax : Out(stream of 32 bits, always ready)
+    """
+
+    ABORT_HOLD = 32
+
+    def __init__(self, params: HwParams):
+        from .control import PC_BITS, entry_layout
+        self.params = params
+        sig = port_signature(params)
+        super().__init__({
+            "issue": In(stream.Signature(entry_layout())),
+            "done": Out(1), "busy": Out(1), "fault": Out(1), "fault_pc": Out(PC_BITS), "abort": In(1),
+            "x": Out(sig), "s2": Out(sig), "tab": Out(sig), "wr": Out(sig),
+            "argmax": Out(stream.Signature(32, always_ready=True)),
+        })
+
+    def elaborate(self, platform):
+        from amaranth import ResetInserter
+
+        m = Module()
+        hold = Signal(range(self.ABORT_HOLD + 1))
+        in_reset = Signal()
+        m.d.comb += in_reset.eq(self.abort | (hold != 0))
+        with m.If(self.abort):
+            m.d.sync += hold.eq(self.ABORT_HOLD)
+        with m.Elif(hold != 0):
+            m.d.sync += hold.eq(hold - 1)
+        dec, unit = SfuDecode(), SfuUnit(self.params)
+        m.submodules.decode = ResetInserter(in_reset)(dec)
+        m.submodules.unit = ResetInserter(in_reset)(unit)
+        wiring.connect(m, wiring.flipped(self.issue), dec.entry)
+        wiring.connect(m, dec.op, unit.op)
+        for name in ("x", "s2", "tab", "wr"):
+            wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(unit, name))
+        wiring.connect(m, wiring.flipped(self.argmax), unit.argmax)
+        # instructions taken and not yet done
+        inflight = Signal(8)
+        took = self.issue.valid & self.issue.ready & ~in_reset
+        with m.If(in_reset):
+            m.d.sync += inflight.eq(0)
+        with m.Elif(took & ~unit.done):
+            m.d.sync += inflight.eq(inflight + 1)
+        with m.Elif(unit.done & ~took):
+            m.d.sync += inflight.eq(inflight - 1)
+        m.d.comb += [self.done.eq(unit.done & ~in_reset), self.busy.eq((inflight != 0) | (hold != 0)),
+                     self.fault.eq(dec.fault), self.fault_pc.eq(dec.fault_pc), dec.clear.eq(self.abort)]
         return m
