@@ -32,6 +32,8 @@ Arguments
 ---------
 In order: ``pos``, ``len`` (the ISA's POS and LEN registers), ``prog_words``,
 ``watchdog`` (0: :data:`WATCHDOG_DEFAULT`), ``kv_space``, ``out_space``, ``tok_space``,
+``tab_offset``, ``tab_words`` (the SFU tables, loaded from the instr buffer before the
+program when ``tab_words`` is not 0),
 then the pointers ``instr`` (m_axi port ``instr``) and ``ch00`` .. ``ch<C-1>`` (one
 m_axi port per weight channel, ``C = weight_channels``).
 
@@ -108,7 +110,7 @@ class Status(enum.Enum, shape=8):
 STATUS_DOC = {
     Status.OK: "the run reached END",
     Status.ILLEGAL_OPCODE: "an opcode the decoder does not know",
-    Status.DEADLOCK: "every unit waits for a token that nothing will signal",
+    Status.DEADLOCK: "an instruction waits for a token that no earlier instruction signals",
     Status.UNBALANCED_TOKENS: "tokens left in a FIFO at a barrier (LOOP, a loop's back edge, END)",
     Status.LOOP_ERROR: "a loop body past its enclosing block, or loops nested deeper than LOOP_DEPTH",
     Status.PAST_END: "no END within prog_words instructions",
@@ -274,6 +276,9 @@ class RegisterMap:
                          f"buffer(s) (64-byte granules interleaved over them)"),
             ("out_space", "byte offset of LD/ST space OUT (the logits) in the same channel buffers"),
             ("tok_space", "byte offset of the token buffer in the same channel buffers"),
+            ("tab_offset", "byte offset of the SFU tables image (float32) in the instr buffer"),
+            ("tab_words", "float32 words of the tables to load into the on-chip tables before the program "
+                          "(0: keep the tables loaded by an earlier run)"),
         )
         pointers = [("instr", "instr", "device address of the program image (m_axi instr)")]
         pointers += [(f"ch{c:02d}", f"ch{c:02d}", f"device address of weight channel {c}'s buffer "

@@ -1,4 +1,4 @@
-"""cocotb testbench of the ``s_axi_control`` slave (flightllm_control, sim/axil_top.py), driven
+"""cocotb testbench of the ``s_axi_control`` slave (flightllm_axil, sim/axil_top.py), driven
 by sim/test_axil.py, with ``cocotbext.axi.AxiLiteMaster`` as the host.
 
 Reads ``$FLIGHTLLM_STIMULI`` (JSON: ``params``, ``seed``, ``stall``). Every offset comes

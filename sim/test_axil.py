@@ -17,7 +17,7 @@ PARAMS = get_preset("sim")
 @pytest.mark.parametrize("stall", [0.0, 0.4])
 def test_control_slave_registers(stall):
     tag = f"stall{int(stall * 100)}"
-    stim = rtl.build_dir(PARAMS, rtl.CONTROL) / f"run-{tag}" / "stimuli.json"
+    stim = rtl.build_dir(PARAMS, rtl.AXIL) / f"run-{tag}" / "stimuli.json"
     stim.parent.mkdir(parents=True, exist_ok=True)
     stim.write_text(json.dumps({"params": PARAMS.to_dict(), "seed": 11, "stall": stall}))
-    rtl.run(PARAMS, "axil_regs", stim, tag, test_module="flightllm.sim.axil_tb", design=rtl.CONTROL)
+    rtl.run(PARAMS, "axil_regs", stim, tag, test_module="flightllm.sim.axil_tb", design=rtl.AXIL)
