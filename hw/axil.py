@@ -129,6 +129,7 @@ class ControlSlave(wiring.Component):
     """
 
     def __init__(self, regmap: RegisterMap):
+        self._MustUse__silence = True           # never built if the checks below raise
         if not isinstance(regmap, RegisterMap):
             hint = " (build one with flightllm.hw.regmap.register_map(params))" \
                 if type(regmap).__name__ == "HwParams" else ""
@@ -142,6 +143,7 @@ class ControlSlave(wiring.Component):
         if regmap.end > 1 << regmap.addr_bits:
             raise ValueError(f"register map ends at 0x{regmap.end:X}, past its {regmap.addr_bits}-bit address")
         self.regmap = regmap
+        self._MustUse__silence = False
         super().__init__({
             "bus": Out(axil_signature(regmap.addr_bits)),
             "start": Out(1),
