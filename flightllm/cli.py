@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     # [issue 3] compressed presets and artifacts run bit-exact on a device backend
     q.add_argument("--backend", default="golden",
-                   help="golden (default: the artifact's programs, bit-exact) or float (dequantized float forward)")
+                   help="golden (default: the artifact's programs, bit-exact), rtl (the same programs on the "
+                        "generated kernel under Verilator) or float (dequantized float forward)")
     q.add_argument("--hw", default=None, help="hardware preset when compiling for --preset (default u280)")
     add_kv_args(q)
     q.set_defaults(func=_cmd_perplexity)

@@ -402,8 +402,9 @@ class SfuKernelUnit(wiring.Component):
     """The SFU unit under the kernel's unit contract (``docs/kernel.md``): queue entries in
     through :class:`SfuDecode`, :class:`SfuUnit` on the buffers.
 
-    ``abort`` holds the unit in reset, and keeps it there :data:`ABORT_HOLD` cycles after
-    it falls, so that buffer reads still on their way land in a unit that is in reset.
+    ``abort`` holds the unit in reset, and ``busy`` stays up for :data:`ABORT_HOLD` cycles of
+    it, so that buffer reads still on their way land in a unit that is in reset before control
+    lets go of ``abort``.
 
     Attributes
     ----------
@@ -433,10 +434,12 @@ class SfuKernelUnit(wiring.Component):
 
         m = Module()
         hold = Signal(range(self.ABORT_HOLD + 1))
+        was = Signal()
         in_reset = Signal()
         m.d.comb += in_reset.eq(self.abort | (hold != 0))
-        with m.If(self.abort):
-            m.d.sync += hold.eq(self.ABORT_HOLD)
+        m.d.sync += was.eq(self.abort)
+        with m.If(self.abort & ~was):
+            m.d.sync += hold.eq(self.ABORT_HOLD)     # counts under abort: busy until it has run out
         with m.Elif(hold != 0):
             m.d.sync += hold.eq(hold - 1)
         dec, unit = SfuDecode(), SfuUnit(self.params)

@@ -189,7 +189,11 @@ def _common(p, with_artifact=True):
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"compression preset when no --artifact (default {DEFAULT_PRESET}: the GGUF's own formats)")
     p.add_argument("--hw", default=None, help="hardware preset (default: the artifact's, u280 when compiling)")
-    p.add_argument("--backend", default="golden", help="device backend (default golden)")
+    p.add_argument("--backend", default="golden", choices=("golden", "rtl"),
+                   help="golden: the bit-exact golden model (default); rtl: the generated kernel under "
+                        "Verilator, driven register by register like the board (needs an artifact for a "
+                        "small preset such as --hw sim, e.g. from `flightllm tiny-model`; builds the "
+                        "simulator once, minutes)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")

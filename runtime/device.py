@@ -131,12 +131,18 @@ class GoldenDevice:
         return self.machine.read_out(row, rows)
 
 
-BACKENDS = {"golden": GoldenDevice}
+def _rtl(params):
+    from .rtl import RtlDevice          # cocotb and the simulator only when asked for
+    return RtlDevice(params)
+
+
+#: backend name -> constructor taking the hardware parameters (None: the artifact's)
+BACKENDS = {"golden": GoldenDevice, "rtl": _rtl}
 
 
 def open_device(backend: str, params: HwParams | None = None):
     try:
-        cls = BACKENDS[backend]
+        make = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}") from None
-    return cls(params)
+    return make(params)
