@@ -186,6 +186,7 @@ class Buffers(wiring.Component):
     """
 
     def __init__(self, params: HwParams, clients=("host",), only=None, init=None):
+        self._MustUse__silence = True           # never built if the checks below raise
         if not clients or len(set(clients)) != len(clients):
             raise ValueError(f"Buffers: clients must be distinct names, not {clients!r}")
         self.params, self.clients = params, tuple(clients)
@@ -207,6 +208,7 @@ class Buffers(wiring.Component):
                                   attrs=ram_style(reg, L))
                      for name, reg in self.regions.items()}
         sig = port_signature(params)
+        self._MustUse__silence = False
         super().__init__({f"port_{c}": In(sig) for c in self.clients})
 
     def port(self, client: str):

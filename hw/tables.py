@@ -44,6 +44,7 @@ class TableLoader(wiring.Component):
     def __init__(self, params: HwParams):
         L = params.sfu_lanes
         if L % _PER_BEAT:
+            self._MustUse__silence = True       # never built
             raise ValueError(f"TableLoader: sfu_lanes {L} is not a multiple of {_PER_BEAT} (floats per beat)")
         self.params = params
         self._reader = BurstReader(WORD_BITS, 64, max_burst=64, fifo_depth=128)
