@@ -13,9 +13,8 @@ between the blocks::
   units <--> Buffers (one client port per unit stream)
   units (LD, ST, MPE) <--> ReadMux / WriteMux per channel --(+ chNN base)--> m_axi_chNN
 
-Units that are not built yet (``units`` without them) are :class:`MissingUnit`: every
-instruction sent to one ends the run with ``BAD_FIELD`` at its pc, so a program that
-needs it fails clearly instead of hanging.
+Every unit slot is filled; :class:`MissingUnit` (every instruction sent to it ends the run
+with ``BAD_FIELD`` at its pc) stands in for a unit a variant leaves out.
 """
 
 from __future__ import annotations
@@ -24,13 +23,16 @@ from amaranth import Cat, ClockDomain, Const, Module, Mux
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import ReadMux, WriteMux, axi4_top_members, connect_axi4_top
+from .axi import BurstReader, BurstWriter, ReadMux, WriteMux, axi4_top_members, connect_axi4_top
 from .axil import ControlSlave, axil_top_members, connect_axil_top
 from .buffers import Buffers
 from .control import PC_BITS, UNIT_NAMES, Control, entry_layout
 from .fetch import Fetch
 from .geometry import EngineGeometry
-from .isa import WORD_BITS
+from .embed import EmbedEngine
+from .isa import WORD_BITS, Opcode
+from .kvstore import KvStoreEngine
+from .mpe_unit import MpeUnit
 from .ldst import LdUnit, SpaceLoad, SpaceStore, StUnit
 from .params import HwParams
 from .regmap import register_map
@@ -65,9 +67,14 @@ class Kernel(wiring.Component):
     Parameters
     ----------
     params : HwParams
+    trace : bool
+        Simulation only: outputs ``trace_issue``, ``trace_done`` (one bit per unit: an
+        instruction handed to / completed by unit ``UNIT_NAMES[i]`` this cycle) and
+        ``trace_pc_<unit>`` (the pc of the instruction handed over), from which a testbench
+        records every instruction's cycles. Not part of the Vitis kernel.
     """
 
-    def __init__(self, params: HwParams):
+    def __init__(self, params: HwParams, *, trace: bool = False):
         self._MustUse__silence = True           # never built if the checks below raise
         if not isinstance(params, HwParams):
             raise TypeError(f"Kernel needs HwParams, not {type(params).__name__}")
@@ -84,6 +91,10 @@ class Kernel(wiring.Component):
             # cocotbext-axi's AxiRam expect the ID signals on a full AXI4 port
             members.update({f"m_axi_{port}_arid": Out(1), f"m_axi_{port}_awid": Out(1),
                             f"m_axi_{port}_rid": In(1), f"m_axi_{port}_bid": In(1)})
+        self.trace = trace
+        if trace:
+            members.update({"trace_issue": Out(len(UNIT_NAMES)), "trace_done": Out(len(UNIT_NAMES))})
+            members.update({f"trace_pc_{n}": Out(PC_BITS) for n in UNIT_NAMES})
         super().__init__(members)
 
     def ports(self) -> list:
@@ -107,15 +118,18 @@ class Kernel(wiring.Component):
         tabs = m.submodules.tables = TableLoader(p)
         sfu = SfuKernelUnit(p)
         ld_space, st_space = SpaceLoad(p), SpaceStore(p)
-        units = {"sfu": sfu,
-                 "ld": LdUnit(p, [ld_space]),
-                 "st": StUnit(p, [st_space])}
+        embed, kvstore = EmbedEngine(p), KvStoreEngine(p)
+        mpe = MpeUnit(p)
+        units = {"sfu": sfu, "mpe": mpe,
+                 "ld": LdUnit(p, [ld_space, ((Opcode.EMBED,), embed)]),
+                 "st": StUnit(p, [st_space, ((Opcode.ST_KT,), kvstore)])}
         for name in UNIT_NAMES:
             if name not in units:
                 units[name] = MissingUnit()
             m.submodules[f"unit_{name}"] = units[name]
         bufs = m.submodules.buffers = Buffers(p, clients=("sfu_x", "sfu_s2", "sfu_tab", "sfu_wr", "tables",
-                                                          "ld_space", "st_space"))
+                                                          "ld_space", "st_space", "embed", "kvstore",
+                                                          "mpe_ld", "mpe_out"))
 
         # start: the tables first when asked for, then the program
         m.d.comb += [tabs.start.eq(slave.start), tabs.base.eq(args.instr + args.tab_offset),
@@ -144,19 +158,29 @@ class Kernel(wiring.Component):
             wiring.connect(m, getattr(ctl, f"issue_{name}"), u.issue)
             m.d.comb += [getattr(ctl, f"done_{name}").eq(u.done), getattr(ctl, f"busy_{name}").eq(u.busy),
                          u.abort.eq(ctl.abort)]
+            if self.trace:
+                k = UNIT_NAMES.index(name)
+                iss = getattr(ctl, f"issue_{name}")
+                m.d.comb += [self.trace_issue[k].eq(iss.valid & iss.ready), self.trace_done[k].eq(u.done),
+                             getattr(self, f"trace_pc_{name}").eq(iss.payload.pc)]
             faults.append(u)
         fault_pc = Const(0, PC_BITS)
         for u in reversed(faults):                  # the first faulting unit's pc
             fault_pc = Mux(u.fault, u.fault_pc, fault_pc)
         m.d.comb += [ctl.fault.eq(Cat(*(u.fault for u in faults)).any()), ctl.fault_pc.eq(fault_pc)]
         m.d.comb += [ctl.argmax_valid.eq(sfu.argmax.valid), ctl.argmax_value.eq(sfu.argmax.payload)]
-        m.d.comb += ctl.mpe_tok.valid.eq(0)
+        wiring.connect(m, mpe.mpe_tok, ctl.mpe_tok)
 
         for port in ("x", "s2", "tab", "wr"):
             wiring.connect(m, getattr(sfu, port), bufs.port(f"sfu_{port}"))
         wiring.connect(m, tabs.wr, bufs.port("tables"))
         wiring.connect(m, ld_space.buf, bufs.port("ld_space"))
         wiring.connect(m, st_space.buf, bufs.port("st_space"))
+        wiring.connect(m, embed.buf, bufs.port("embed"))
+        wiring.connect(m, kvstore.buf, bufs.port("kvstore"))
+        wiring.connect(m, mpe.ld, bufs.port("mpe_ld"))
+        wiring.connect(m, mpe.out, bufs.port("mpe_out"))
+        m.d.comb += [embed.tok_space.eq(args.tok_space), embed.max_seq.eq(args.max_seq)]
         for e in (ld_space, st_space):
             m.d.comb += [e.spaces.kv_space.eq(args.kv_space), e.spaces.out_space.eq(args.out_space),
                          e.spaces.tok_space.eq(args.tok_space)]
@@ -169,6 +193,22 @@ class Kernel(wiring.Component):
         for i in range(K):                      # the LD/ST spaces: the last kv_channels channels
             readers[C - K + i].append(ld_space.axi[i])
             writers[C - K + i].append(st_space.axi[i])
+        W = p.hbm_port_bits
+        for c in range(C):
+            readers[c].append(getattr(mpe, f"axi{c}"))      # the weight streamers first
+        for c in range(C):
+            # EMBED's row gathers and token reads, ST_KT's stores (and its INT4 read-backs):
+            # command streams on a BurstReader / BurstWriter of their own per channel
+            for name, port in (("embed", embed.rd[c]), ("kvstore", kvstore.rd[c])):
+                rd = m.submodules[f"{name}_rd{c:02d}"] = BurstReader(W, 64, max_burst=32, fifo_depth=64)
+                wiring.connect(m, port.cmd, rd.cmd)
+                wiring.connect(m, rd.data, port.data)
+                readers[c].append(rd.axi)
+            wr = m.submodules[f"kvstore_wr{c:02d}"] = BurstWriter(W, 64, max_burst=32)
+            wiring.connect(m, kvstore.wr[c].cmd, wr.cmd)
+            wiring.connect(m, kvstore.wr[c].data, wr.data)
+            m.d.comb += kvstore.wr[c].done.eq(wr.done)
+            writers[c].append(wr.axi)
         for c in range(C):
             pre = f"m_axi_ch{c:02d}"
             base = getattr(args, f"ch{c:02d}")

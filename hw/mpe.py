@@ -252,16 +252,30 @@ class MatrixEngine(wiring.Component):
         the fewest that keep every register's fanout within ``bcast_fanout``.
     bcast_fanout : int
         Registers (or chains) one broadcast register drives.
+    overlap : bool
+        Back-to-back operations (the MPE unit's mode): ``cfg`` is taken into a pending
+        register whenever it is free; the dequant units get the pending operation as soon
+        as each has sent its last beat of the current one, and the sequencer starts it right
+        after the current operation's last issue if both have the same ``tokens`` (the
+        chains' tap is unchanged; everything else an operation sets travels with its beats
+        or is read before the next SETUP), else once the current one has drained. The
+        writer of ``act`` must then keep the pending operation's activations apart from the
+        running one's (the unit alternates two halves of the buffer), and pulses ``act_done``
+        once they are all written: the pending operation starts only after that, so its cfg
+        (and the dequant units' refill) may come before its activations.
 
     Attributes
     ----------
     cfg : In(stream of :func:`mpe_cfg_layout`)
-        Accepted when the previous operation has left the pipeline.
+        Accepted when the previous operation has left the pipeline (``overlap``: when the
+        pending register is free).
     words0.. : In(stream of unsigned(hbm_port_bits))
         Weight channel ``c``'s records (:mod:`flightllm.hw.formats`), exactly ``words``
         of the config.
     act : In(stream of :func:`act_layout`)
         Activation-buffer writes.
+    act_done : In(1)
+        ``overlap`` only: a pulse when the pending operation's activations are written.
     out : Out(stream of ArrayLayout(signed(acc_bits), chains))
         One row tile's accumulators per token.
     busy : Out(1)
@@ -272,7 +286,9 @@ class MatrixEngine(wiring.Component):
         Entries of the output FIFO (= the credits) and of each dequant unit's beat FIFO.
     """
 
-    def __init__(self, params: HwParams, *, bcast_stages: int | None = None, bcast_fanout: int = 8):
+    def __init__(self, params: HwParams, *, bcast_stages: int | None = None, bcast_fanout: int = 8,
+                 overlap: bool = False):
+        self.overlap = bool(overlap)
         try:
             self.geom = g = EngineGeometry(params)
             if not (isinstance(bcast_fanout, int) and bcast_fanout >= 2):
@@ -301,6 +317,8 @@ class MatrixEngine(wiring.Component):
         for c in range(g.C):
             members[f"words{c}"] = In(stream.Signature(unsigned(g.W)))
         members["act"] = In(stream.Signature(act_layout(g)))
+        if self.overlap:
+            members["act_done"] = In(1)
         members["out"] = Out(stream.Signature(data.ArrayLayout(signed(g.acc_w), g.R)))
         members["busy"] = Out(1)
         super().__init__(members)
@@ -349,14 +367,30 @@ class MatrixEngine(wiring.Component):
         cfg_l = mpe_cfg_layout(g)
         op = Signal(cfg_l, reset_less=True)
         cfg_ready = Signal(init=1)
-        m.d.comb += [self.cfg.ready.eq(cfg_ready), self.busy.eq(~cfg_ready)]
         dq_pend = Signal(C)
+        if self.overlap:
+            pend = Signal(cfg_l, reset_less=True)     # the next operation
+            pend_v = Signal()
+            pend_act = Signal()                   # its activations are in the buffer
+            seq_idle = Signal()
+            with m.If(self.act_done):
+                m.d.sync += pend_act.eq(1)
+            m.d.comb += [self.cfg.ready.eq(~pend_v), self.busy.eq(~seq_idle | pend_v)]
+            dq_op = pend
+        else:
+            m.d.comb += [self.cfg.ready.eq(cfg_ready), self.busy.eq(~cfg_ready)]
+            dq_op = op
         for c, dq in enumerate(dqs):
-            m.d.comb += [dq.cfg.payload.fmt.eq(op.fmt), dq.cfg.payload.e0.eq(op.e0),
-                         dq.cfg.payload.records.eq(op.records), dq.cfg.payload.words.eq(op.words),
+            m.d.comb += [dq.cfg.payload.fmt.eq(dq_op.fmt), dq.cfg.payload.e0.eq(dq_op.e0),
+                         dq.cfg.payload.records.eq(dq_op.records), dq.cfg.payload.words.eq(dq_op.words),
                          dq.cfg.valid.eq(dq_pend[c])]
             with m.If(dq.cfg.ready):
                 m.d.sync += dq_pend[c].eq(0)
+        if self.overlap:
+            with m.If(self.cfg.valid & ~pend_v):
+                p = self.cfg.payload
+                with m.If((p.tiles != 0) & (p.groups != 0) & (p.tokens != 0)):
+                    m.d.sync += [pend.eq(p), pend_v.eq(1), dq_pend.eq((1 << C) - 1)]
 
         # per-format constants, registered in SETUP
         bpb_m1 = Signal(range(max(2, g.bpb_max)), reset_less=True)    # no zero-width counters
@@ -402,16 +436,30 @@ class MatrixEngine(wiring.Component):
         m.d.comb += issue.eq(run & avail_nz.all() & (credit_nz | ~res_beat))
 
         drain = Signal(range(self.latency + 1))
-        with m.FSM():
+
+        def start(p):
+            m.d.sync += [op.eq(p), tok_m1.eq(p.tokens - 1), grp_m1.eq(p.groups - 1),
+                         tile_m1.eq(p.tiles - 1), tok.eq(0), bsub.eq(0), grp.eq(0), tile.eq(0),
+                         step_wa.eq(p.act_base), tok_wa.eq(p.act_base)]
+
+        if self.overlap:
+            # the pending operation may start once every dequant unit has taken it
+            can_start = Signal()
+            m.d.comb += can_start.eq(pend_v & pend_act & (dq_pend == 0))
+        with m.FSM() as fsm:
             with m.State("IDLE"):
-                with m.If(self.cfg.valid & cfg_ready):
-                    p = self.cfg.payload
-                    m.d.sync += [op.eq(p), tok_m1.eq(p.tokens - 1), grp_m1.eq(p.groups - 1),
-                                 tile_m1.eq(p.tiles - 1), tok.eq(0), bsub.eq(0), grp.eq(0), tile.eq(0),
-                                 step_wa.eq(p.act_base), tok_wa.eq(p.act_base)]
-                    with m.If((p.tiles != 0) & (p.groups != 0) & (p.tokens != 0)):
-                        m.d.sync += [cfg_ready.eq(0), dq_pend.eq((1 << C) - 1)]
+                if self.overlap:
+                    with m.If(can_start):
+                        start(pend)
+                        m.d.sync += [pend_v.eq(0), pend_act.eq(0)]
                         m.next = "SETUP"
+                else:
+                    with m.If(self.cfg.valid & cfg_ready):
+                        p = self.cfg.payload
+                        start(p)
+                        with m.If((p.tiles != 0) & (p.groups != 0) & (p.tokens != 0)):
+                            m.d.sync += [cfg_ready.eq(0), dq_pend.eq((1 << C) - 1)]
+                            m.next = "SETUP"
             with m.State("SETUP"):
                 with m.Switch(op.fmt):
                     for f in g.formats:
@@ -444,9 +492,19 @@ class MatrixEngine(wiring.Component):
                 # the last beat's result is in the output FIFO after `latency` cycles; the
                 # chains' tap and the activation buffer are then free for the next operation
                 m.d.sync += drain.eq(drain - 1)
-                with m.If(drain == 0):
-                    m.d.sync += cfg_ready.eq(1)
-                    m.next = "IDLE"
+                if self.overlap:            # same tap: the next operation follows at once
+                    with m.If(can_start & (pend.tokens == op.tokens)):
+                        start(pend)
+                        m.d.sync += [pend_v.eq(0), pend_act.eq(0)]
+                        m.next = "SETUP"
+                    with m.Elif(drain == 0):
+                        m.next = "IDLE"
+                else:
+                    with m.If(drain == 0):
+                        m.d.sync += cfg_ready.eq(1)
+                        m.next = "IDLE"
+        if self.overlap:
+            m.d.comb += seq_idle.eq(fsm.ongoing("IDLE"))
 
         # -- stage 1: activation read (address from the sequencer's register) -------------
         for rp in rports:

@@ -31,7 +31,7 @@ by writing 1 (the host clears a set bit by writing 1 to it).
 Arguments
 ---------
 In order: ``pos``, ``len`` (the ISA's POS and LEN registers), ``prog_words``,
-``watchdog`` (0: :data:`WATCHDOG_DEFAULT`), ``kv_space``, ``out_space``, ``tok_space``,
+``watchdog`` (0: :data:`WATCHDOG_DEFAULT`), ``kv_space``, ``out_space``, ``tok_space``, ``max_seq``,
 ``tab_offset``, ``tab_words`` (the SFU tables, loaded from the instr buffer before the
 program when ``tab_words`` is not 0),
 then the pointers ``instr`` (m_axi port ``instr``) and ``ch00`` .. ``ch<C-1>`` (one
@@ -276,6 +276,7 @@ class RegisterMap:
                          f"buffer(s) (64-byte granules interleaved over them)"),
             ("out_space", "byte offset of LD/ST space OUT (the logits) in the same channel buffers"),
             ("tok_space", "byte offset of the token buffer in the same channel buffers"),
+            ("max_seq", "positions the token buffer holds (the artifact's max_seq): EMBED beyond them faults"),
             ("tab_offset", "byte offset of the SFU tables image (float32) in the instr buffer"),
             ("tab_words", "float32 words of the tables to load into the on-chip tables before the program "
                           "(0: keep the tables loaded by an earlier run)"),

@@ -131,7 +131,7 @@ class KernelDevice:
             self.bus.write_mem("instr", self.instr + self.prog[name][0], img)
         self.bus.write_mem("instr", self.instr + self.tab_off, tables)
         self.tables_loaded = False
-        self.drv.set_args(**mm.args(), **{f"ch{c:02d}": self.ch[c] for c in range(C)})
+        self.drv.set_args(**mm.args(), max_seq=plan["max_seq"], **{f"ch{c:02d}": self.ch[c] for c in range(C)})
 
     # -- the spaces (interleaved over the last kv_channels channels) -------------------
     def _space_io(self, space: str, addr: int, data: bytes | None = None, n: int = 0):

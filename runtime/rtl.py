@@ -83,7 +83,8 @@ class RtlBus:
         conn = listener.accept()
         listener.close()
         try:
-            conn.send({"ports": ports, "pause": self.pause, "seed": self.seed})
+            from ..hw.control import UNIT_NAMES
+            conn.send({"ports": ports, "pause": self.pause, "seed": self.seed, "units": UNIT_NAMES})
             msg = conn.recv()
         except (EOFError, OSError):
             raise RuntimeError(f"the kernel simulation did not start (log: {tdir / 'sim.log'})") from self.error
@@ -122,6 +123,14 @@ class RtlBus:
 
     def cycle(self) -> int:
         return self._call("cycle")
+
+    def trace(self, on: bool) -> None:
+        """Start (clearing the records) or stop recording every instruction's issue and done."""
+        self._call("trace", bool(on))
+
+    def trace_records(self) -> list:
+        """[(cycle, 'issue' | 'done', unit index, pc | None)] since the last ``trace(True)``."""
+        return self._call("trace_get")
 
     def close(self):
         if self.conn is not None:

@@ -12,6 +12,8 @@ then serves requests until ``quit``:
 ``("rmem", p, a, n)``  bytes out of it
 ``("wait", cycles)``   run until ``interrupt`` rises (reply True) or ``cycles`` pass (False)
 ``("cycle",)``         the current cycle count
+``("trace", on)``      start (clearing) or stop recording the kernel's trace outputs
+``("trace_get",)``     the records: (cycle, "issue"/"done", unit index, pc or None)
 =====================  =======================================================
 
 Every m_axi port is an ``AxiRam`` with random pauses on all five channels when asked for
@@ -73,6 +75,23 @@ async def serve(dut):
             await RisingEdge(dut.ap_clk)
             cycle += 1
     cocotb.start_soon(count())
+    trace = {"on": False, "rec": []}
+    units = setup.get("units", ())
+
+    async def record():
+        # one coroutine for the whole run; reads the trace outputs only while asked to
+        while True:
+            await RisingEdge(dut.ap_clk)
+            if not trace["on"]:
+                continue
+            iss, dn = dut.trace_issue.value.to_unsigned(), dut.trace_done.value.to_unsigned()
+            for k, name in enumerate(units):
+                if iss >> k & 1:
+                    trace["rec"].append((cycle, "issue", k, getattr(dut, f"trace_pc_{name}").value.to_unsigned()))
+                if dn >> k & 1:
+                    trace["rec"].append((cycle, "done", k, None))
+    if units:
+        cocotb.start_soon(record())
     conn.send(("ready", cycle))
     while True:
         if not conn.poll(600):
@@ -101,6 +120,11 @@ async def serve(dut):
             conn.send(("ok", dut.interrupt.value == 1 and cycle - t0 <= req[1]))
         elif op == "cycle":
             conn.send(("ok", cycle))
+        elif op == "trace":
+            trace["on"], trace["rec"] = bool(req[1]), [] if req[1] else trace["rec"]
+            conn.send(("ok", None))
+        elif op == "trace_get":
+            conn.send(("ok", trace["rec"]))
         else:
             conn.send(("error", f"unknown request {op!r}"))
     conn.close()

@@ -138,7 +138,7 @@ AXIL = Design("axil", "flightllm_axil", _axil, ("hw/params.py", "hw/isa.py", "hw
 
 def _kernel(params):
     from flightllm.hw.kernel import Kernel
-    return Kernel(params)
+    return Kernel(params, trace=True)
 
 
 def _import_closure(start: str) -> tuple:
@@ -180,8 +180,8 @@ def _kernel_sources() -> tuple:
     return _import_closure("hw/kernel.py")
 
 
-#: The whole kernel (hw/kernel.py), what ``flightllm build-hw`` writes; its sources are the
-#: modules its generator imports.
+#: The whole kernel (hw/kernel.py), what ``flightllm build-hw`` writes, with its trace outputs
+#: (per-instruction cycles for the testbench); its sources are the modules its generator imports.
 KERNEL = Design("kernel", "flightllm_kernel", _kernel, _kernel_sources,
                 waivers=(("SYMRSVDWORD", "Vitis requires the kernel's interrupt output to be named "
                                          "`interrupt`, a C++ keyword-like word Verilator renames"),))

@@ -40,7 +40,8 @@ def test_map_layout(preset):
     assert rm.args[0].offset == R.ARGS_BASE == 0x10
     names = [r.name for r in rm.args]
     C = p.weight_channels
-    assert names == ["pos", "len", "prog_words", "watchdog", "kv_space", "out_space", "tok_space", "tab_offset", "tab_words",
+    assert names == ["pos", "len", "prog_words", "watchdog", "kv_space", "out_space", "tok_space", "max_seq", "tab_offset",
+                     "tab_words",
                      "instr"] + \
         [f"ch{c:02d}" for c in range(C)]
     for a, b in zip(rm.args, rm.args[1:]):          # the HLS strides: scalar 8, pointer 12
@@ -60,7 +61,7 @@ def test_map_layout(preset):
     assert len({o for o, _, _ in words}) == len(words) == sum(r.nwords for r in rm.registers)
     assert [o for o, _, _ in words] == sorted(o for o, _, _ in words)
     assert R.ISA_REG["pos"].name == "POS" and R.ISA_REG["len"].name == "LEN" and R.ISA_REG["argmax"].name == "ARGMAX"
-    assert rm.status_layout().size == 8 + 32 + 32 and rm.args_layout().size == 9 * 32 + (C + 1) * 64
+    assert rm.status_layout().size == 8 + 32 + 32 and rm.args_layout().size == 10 * 32 + (C + 1) * 64
 
 
 def test_u280_map():
