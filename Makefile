@@ -35,11 +35,13 @@ demo: $(STAMP)
 	$(PY) -m flightllm generate --artifact $(OUT)/smollm2-$(PRESET) --max-new-tokens 64 --chat \
 	    --prompt "What is the capital of France? Answer in one sentence."
 
+# two workers (the machine's two cores), whole files per worker (module fixtures and the
+# Verilator builds they share stay on one worker)
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow_rtl"
+	$(PY) -m pytest -m "not slow_rtl" -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'

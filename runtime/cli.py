@@ -59,17 +59,28 @@ def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = F
         str(Path(model).resolve()).encode()).hexdigest()[:8]
     kv_tag = "" if (kv, sink, window) == ("int8", 0, 0) else f"-kv{kv}s{sink}w{window}"
     out = cache_dir() / f"{tag}-{preset}{kv_tag}-{hw}-{_code_hash(model)}"
-    if out.is_dir():
-        try:
-            a = Artifact(out, verify=False)
-            if a.manifest.get("programs"):
-                return out
-        except ArtifactError:
-            pass
+
+    def cached():
+        if out.is_dir():
+            try:
+                return bool(Artifact(out, verify=False).manifest.get("programs"))
+            except ArtifactError:
+                pass
+        return False
+
+    if cached():
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        print(f"compiling {tag} with preset {preset} for {hw} into {out} (once) ...", file=sys.stderr)
-    compile_model(model, out, preset, params, progress=not quiet, kv=kv, sink=sink, window=window)
+    # one compile per artifact at a time: a second process (a parallel test worker, another
+    # shell) waits for it and uses its result, rather than replacing a directory in use
+    import fcntl
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached():
+            return out
+        if not quiet:
+            print(f"compiling {tag} with preset {preset} for {hw} into {out} (once) ...", file=sys.stderr)
+        compile_model(model, out, preset, params, progress=not quiet, kv=kv, sink=sink, window=window)
     return out
 
 

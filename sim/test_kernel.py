@@ -38,17 +38,22 @@ def tiny_sim(tmp_path_factory):
     return d / "art"
 
 
-@pytest.fixture(scope="module")
-def devices(tiny_sim):
+def _load_both(path):
     from flightllm.compiler.artifact import Artifact
     from flightllm.runtime.device import GoldenDevice
     from flightllm.runtime.rtl import RtlDevice
 
-    art = Artifact(tiny_sim)
+    art = Artifact(path)
     rtl = RtlDevice()
     rtl.load(art)
     gold = GoldenDevice(weight_cache=False)
     gold.load(art)
+    return rtl, gold
+
+
+@pytest.fixture(scope="module")
+def devices(tiny_sim):
+    rtl, gold = _load_both(tiny_sim)
     yield rtl, gold
     rtl.close()
 
@@ -100,6 +105,22 @@ def test_tiny_model_prefill_and_decode_are_bit_identical(devices):
     prompt = [int(t) for t in np.random.default_rng(3).integers(0, gold.plan["vocab"], 6)]
     ids = _generate_both(rtl, gold, prompt, steps=3)
     assert len(ids) == 4
+
+
+def test_tiny_model_sparse_preset_is_bit_identical(tmp_path_factory):
+    """The same on a 2:4-sparse compile (N:M-sparse INT4 layers, the sparse MUX path)."""
+    from flightllm.compiler.compile import compile_model
+    from flightllm.compiler.tiny import write_tiny_model
+    from flightllm.hw.params import get_preset
+
+    d = tmp_path_factory.mktemp("sparse")
+    compile_model(write_tiny_model(d / "tiny.gguf", seed=1), d / "art", "w4-2:4", get_preset("sim"), progress=False)
+    rtl, gold = _load_both(d / "art")
+    try:
+        prompt = [int(t) for t in np.random.default_rng(4).integers(0, gold.plan["vocab"], 5)]
+        _generate_both(rtl, gold, prompt, steps=2)
+    finally:
+        rtl.close()
 
 
 def _first(prog, op):
