@@ -51,11 +51,11 @@ SHAPES = (                                      # (rows from R, quant groups)
 )
 
 
-@pytest.mark.rtl
-#: sim-mc's own build runs in the slow set (the MPE unit's tests cover its chunked output in CI)
+#: sim-mc's own build runs in the slow set (sim and the u280's per-channel geometry in CI)
 PRESETS_CI = ["sim", pytest.param("sim-mc", marks=pytest.mark.slow_rtl), "u280-2ch"]
 
 
+@pytest.mark.rtl
 @pytest.mark.parametrize("preset", PRESETS_CI)
 def test_every_format(preset):
     """Every format x MV / MM (T = 1, 2, 5, mm_tokens), random stalls on every stream."""
