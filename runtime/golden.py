@@ -338,6 +338,9 @@ class Golden:
         self.plan = dict(plan)
         self.functional = functional
         self.check_hazards = check_hazards
+        #: a list to record every issued instruction's (pc, opcode, unit, start, done) cycles
+        #: in (the cycle model's per-instruction trace), or None
+        self.trace = None
         self.by_offset = {t["offset"]: (n, t) for n, t in (tensors or {}).items()}
         self.has_tensors = tensors is not None
         self.weights = {}
@@ -639,6 +642,8 @@ class Golden:
         self._busy[u] += work if u >= _MPE else free - start
         self._opc[ci.opv] += free - start
         self._opn[ci.opv] += 1
+        if self.trace is not None:
+            self.trace.append((pc, ci.op.name, u, start, done))
 
     def _exec(self):
         return walk(self._prog, self.regs, self._issue, self._barrier)
