@@ -26,6 +26,7 @@ from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge, gather, with_time
 from cocotbext.axi import AxiBus, AxiRam
 
 from flightllm.hw.axi import AXI_BURST_INCR, AXI_PAGE_BYTES, command_layout, write_data_layout
+from flightllm.sim.tb import pauses
 
 PERIOD_NS = 10
 #: cycle budget of a wait: per word of the stream, plus slack (a stream of the runs takes
@@ -33,14 +34,6 @@ PERIOD_NS = 10
 WAIT_PER_WORD = 20
 WAIT_SLACK = 5000
 
-
-def _pauses(rng, p):
-    """Random pauses: mostly short, sometimes a longer run (a busy memory)."""
-    while True:
-        if rng.random() < p / 8:
-            for _ in range(rng.randint(5, 40)):
-                yield True
-        yield rng.random() < p
 
 
 def _rows_int(rows):
@@ -168,7 +161,7 @@ async def axi_case(dut):
     p = meta["pause"]
     for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel, ram.write_if.w_channel,
                ram.write_if.b_channel):
-        ch.set_pause_generator(_pauses(random.Random(prng.random()), p))
+        ch.set_pause_generator(pauses(random.Random(prng.random()), p, 40))
 
     for _ in range(5):
         await RisingEdge(dut.clk)

@@ -31,16 +31,10 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, First, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
+from flightllm.sim.tb import pauses
 
 PERIOD_NS = 10
 
-
-def _pauses(rng, p):
-    while True:
-        if rng.random() < p / 8:
-            for _ in range(rng.randint(5, 30)):
-                yield True
-        yield rng.random() < p
 
 
 @cocotb.test()
@@ -62,7 +56,7 @@ async def serve(dut):
         if p:
             for ch in (ram.write_if.aw_channel, ram.write_if.w_channel, ram.write_if.b_channel,
                        ram.read_if.ar_channel, ram.read_if.r_channel):
-                ch.set_pause_generator(_pauses(random.Random(rng.random()), p))
+                ch.set_pause_generator(pauses(random.Random(rng.random()), p))
         rams[port] = ram
     await ClockCycles(dut.ap_clk, 8)
     dut.ap_rst_n.value = 1

@@ -26,17 +26,11 @@ from cocotbext.axi import AxiBus, AxiRam
 from flightllm.hw.buffers import buffer_map, port_signature
 from flightllm.hw.control import entry_layout
 from flightllm.hw.params import HwParams
+from flightllm.sim.tb import pauses
 
 PERIOD_NS = 10
 BUDGET = 20000          #: cycles for each phase
 
-
-def _pauses(rng, p):
-    while True:
-        if rng.random() < p / 8:
-            for _ in range(rng.randint(5, 30)):
-                yield True
-        yield rng.random() < p
 
 
 def _pack(layout, **fields):
@@ -155,7 +149,7 @@ async def ldst_case(dut):
         ram.write(0, z[f"chan{i}"].tobytes())
         for ch in (ram.read_if.ar_channel, ram.read_if.r_channel, ram.write_if.aw_channel, ram.write_if.w_channel,
                    ram.write_if.b_channel):
-            ch.set_pause_generator(_pauses(random.Random(prng.random()), meta["pause"]))
+            ch.set_pause_generator(pauses(random.Random(prng.random()), meta["pause"]))
         rams.append(ram)
     for _ in range(5):
         await RisingEdge(dut.clk)

@@ -30,6 +30,7 @@ from cocotbext.axi import AxiRamRead, AxiReadBus
 from flightllm.hw.buffers import buffer_map, port_signature
 from flightllm.hw.params import HwParams
 from flightllm.sim.sfu_cases import pack
+from flightllm.sim.tb import pauses
 
 PERIOD_NS = 10
 
@@ -37,13 +38,6 @@ PERIOD_NS = 10
 def _nan(w):
     return ((w & 0x7F800000) == 0x7F800000) & ((w & 0x7FFFFF) != 0)
 
-
-def _pauses(rng, p):
-    while True:
-        if rng.random() < p / 8:
-            for _ in range(rng.randint(5, 30)):
-                yield True
-        yield rng.random() < p
 
 
 def _rate(r):
@@ -93,7 +87,7 @@ async def mpe_unit_case(dut):
             ram.r_channel.set_pause_generator(_rate(meta["rate"]))
         else:
             for ch in (ram.ar_channel, ram.r_channel):
-                ch.set_pause_generator(_pauses(random.Random(prng.random()), meta["pause"]))
+                ch.set_pause_generator(pauses(random.Random(prng.random()), meta["pause"]))
         rams.append(ram)
     for _ in range(3):
         await RisingEdge(dut.clk)
