@@ -38,7 +38,7 @@ def golden_cycles(p, plan, ins, regs, timing):
     from flightllm.hw.isa import Instr, Opcode
     from flightllm.runtime.golden import Golden
 
-    g = Golden(p, None, None, plan, functional=False, timing=timing)
+    g = Golden(p, None, None, plan, functional=False, timing=timing.with_(fetch_latency=0))  # the unit alone
     g.regs = list(regs)
     return g.run([ins, Instr(Opcode.END)]).cycles
 
@@ -47,7 +47,7 @@ def sequence_cycles(p, plan, prog, regs, timing):
     from flightllm.hw.isa import Instr, Opcode
     from flightllm.runtime.golden import Golden
 
-    g = Golden(p, None, None, plan, functional=False, timing=timing)
+    g = Golden(p, None, None, plan, functional=False, timing=timing.with_(fetch_latency=0))
     g.regs = list(regs)
     return g.run(list(prog) + [Instr(Opcode.END)]).cycles
 

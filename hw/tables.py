@@ -81,7 +81,10 @@ class TableLoader(wiring.Component):
         slot = Signal(range(per_word))
         full = Signal()
         wr = self.wr.wr
-        m.d.comb += rd.data.ready.eq(~full)
+        # a beat is taken while the assembled word is written: one beat per cycle
+        m.d.comb += rd.data.ready.eq(~full | wr.ready)
+        with m.If(wr.valid & wr.ready):
+            m.d.sync += [full.eq(0), word.eq(word + 1)]
         with m.If(rd.data.valid & rd.data.ready):
             for s in range(per_word):
                 with m.If(slot == s):
@@ -99,8 +102,6 @@ class TableLoader(wiring.Component):
                      wr.payload.mask.eq(mask)]
         for i in range(L):
             m.d.comb += wr.payload.data[i].eq(acc[i])
-        with m.If(wr.valid & wr.ready):
-            m.d.sync += [full.eq(0), word.eq(word + 1)]
         m.d.sync += landed.eq(landed + self.wr.wr_done)
         m.d.comb += self.wr.rd_req.valid.eq(0)
 

@@ -99,6 +99,7 @@ class GoldenDevice:
             cache = cache_dir() / "golden-weights" / key
         self.machine = Golden(self.params, chans, tables, self.plan, artifact.manifest["tensors"],
                               weight_cache=cache)
+        self.tables_loaded = False          # the kernel loads the SFU tables on the first run
         self.max_seq = self.plan["max_seq"]
 
     def write_tokens(self, pos, ids):
@@ -124,7 +125,8 @@ class GoldenDevice:
         if self._pending is None:
             raise RuntimeError("wait() without start()")
         prog, self._pending = self.programs[self._pending], None
-        self.last_stats = self.machine.run(prog)
+        self.last_stats = self.machine.run(prog, tables=not self.tables_loaded)
+        self.tables_loaded = True
         return self.last_stats
 
     def read_logits(self, row, rows):

@@ -74,7 +74,7 @@ from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
 from .arith import mpe_accumulate, prepare_weights
-from .timing import Timing, timing_for
+from .timing import Timing, act_cycles, tables_cycles, timing_for
 
 __all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads", "walk",
            "prepare_control"]
@@ -527,17 +527,25 @@ class Golden:
         self._progs[id(prog)] = (prog, out)
         return out
 
-    def run(self, prog, regs: dict | None = None) -> RunStats:
-        """Run ``prog`` from the start with the given host registers; returns timing stats."""
+    def run(self, prog, regs: dict | None = None, tables: bool = False) -> RunStats:
+        """Run ``prog`` from the start with the given host registers; returns timing stats.
+
+        The run starts when its first instruction is fetched (``fetch_latency`` after the
+        start); ``tables`` charges loading the SFU tables before it, as the kernel does on
+        the first run after an artifact is loaded (:func:`~flightllm.runtime.timing.tables_cycles`)."""
         for k, v in (regs or {}).items():
             self.regs[Reg[k].value if isinstance(k, str) else int(k)] = int(v)
         self.regs[0] = 0
         st = RunStats()
         self._stats = st
-        self._free = [0.0] * _NU            # when each unit can issue its next instruction
-        self._done = 0.0                    # when everything issued so far has completed
-        self._fetch_free = 0.0              # the weight streamers (MPE fetch phase)
-        self._hbm_free = 0.0                # the shared HBM channels
+        t0 = float(self.timing.fetch_latency)
+        if tables and self.tables is not None:
+            t0 += tables_cycles(self.p, self.timing, self.tables.size)
+        self._free = [t0] * _NU             # when each unit can issue its next instruction
+        self._done = t0                     # when everything issued so far has completed
+        self._fetch_free = t0               # the weight streamers (MPE fetch phase)
+        self._hbm_free = t0                 # the shared HBM channels
+        self._load_free = t0                # the MPE's activation loader
         self._fifo = [deque() for _ in range(_NU * _NU)]
         self._wend, self._wunit, self._rend = {}, {}, {}
         self._busy = [0.0] * _NU
@@ -586,24 +594,31 @@ class Golden:
         for r in ci.reads:
             if wunit.get(r) == u and wend[r] > sb:
                 sb = wend[r]
-        r = ci.h()                              # issue cycles, or (issue, HBM) cycles
-        work, hbm = r if type(r) is tuple else (r, 0.0)
+        r = ci.h()              # issue cycles; (issue, HBM) cycles; MPE: (issue, HBM, activation load, passes)
         if u == _MPE:
+            work, hbm, act, passes = r
             fs = max(self._fetch_free, self._hbm_free, t_fetch, self._free[u] - self.fifo_cycles)
             first = fs + tm.hbm_latency
-            cs = max(self._free[u], t_comp, sb, first)
-            ce = max(cs + work, first + hbm)
+            # the loader reads the first pass's activations once its inputs are there (and it
+            # has handed the previous instruction's last pass to the engine)
+            loaded = max(t_comp, sb, self._load_free) + act
+            cs = max(self._free[u], loaded, first)
+            per_pass = work / passes
+            ce = max(cs + work, first + hbm, cs + (passes - 1) * max(act, per_pass) + per_pass)
+            self._load_free = ce - per_pass
             self._fetch_free = max(fs + hbm, ce - tm.hbm_latency - self.fifo_cycles)
             self._hbm_free = fs + hbm
             self._stream_busy += hbm
-            start, free, done = cs, ce, ce + tm.mpe_latency
+            start, free, done = cs, ce, ce + tm.mpe_latency + tm.mpe_out_latency
             hstart = fs
         elif u == _SFU:
+            work = r
             start = max(self._free[u], t_fetch, t_comp, sb)
             free = start + work
             done = free + tm.sfu_latency
             hstart = start
         else:                                   # LD / ST: a transfer on the shared channels
+            work, hbm = r
             start = max(self._free[u], t_fetch, t_comp, sb)
             hs = max(start, self._hbm_free)
             self._hbm_free = hs + hbm
@@ -790,7 +805,7 @@ class Golden:
                 passes = -(-t2 // mm_tokens)
                 self._stats.kv_bytes += passes * nbytes * p.weight_channels
                 kept = recs // (hd // KV_GROUP) * R * hd                          # row tiles x chains x head_dim
-                return t2 * kept / macs, passes * nbytes / self.ch_bpc
+                return t2 * kept / macs, passes * nbytes / self.ch_bpc, act_cycles(p, min(t2, mm_tokens), hd), passes
             return h, (src, aux), ((dst, g),), (("KVT", off),)
 
         def h():                                                            # PV
@@ -816,7 +831,9 @@ class Golden:
                 A[:, h0 * hd:(h0 + rep) * hd] = out.reshape(rows, rep * hd)
             passes = -(-t2 // mm_tokens)
             self._stats.kv_bytes += passes * nbytes * p.weight_channels
-            return t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc      # recs x (chains x 32) MACs
+            used = int(mask.any(axis=0).reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
+            return (t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc,    # recs x (chains x 32) MACs
+                    act_cycles(p, min(t2, mm_tokens), used, KV_GROUP), passes)
         return h, ((src, g),), ((dst, g),), (("KVT", off),)
 
     # -- operations: a handler () -> cycles per instruction, with its reads and writes --
@@ -857,7 +874,8 @@ class Golden:
                     bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
-                return rows * kept / macs, passes * align(w.region) / ch_bpc
+                return (rows * kept / macs, passes * align(w.region) / ch_bpc,
+                        act_cycles(p, min(rows, mm_tokens), k, w.fmt.group_size), passes)
             return h, (src,), (dst,)
         if op == _EMBED:
             n, k = f.get("n_out", 0), f.get("k_in", 0)

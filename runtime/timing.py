@@ -23,7 +23,18 @@ Three kinds of number, each with its source:
   ``sim-sfu`` build, 8 lanes, for every preset: a wider build's sum tree takes
   ``lanes x slots / 2`` cycles per row, more than the 32 measured, so wide presets are
   optimistic there).
-* **Estimated**: ``store_latency``.
+* **Measured on the RTL**: ``mpe_out_latency``, what the whole MPE unit
+  (``hw/mpe_unit.py``) adds to the bare engine's ``mpe_latency``: its output lanes and
+  buffer writes (MpeOutLane, 24 cycles, and ~6 of writes and control). From
+  ``sim/test_mpe_unit.py::test_cycles`` (token -> results in the buffers, minus the
+  engine's work, ``mpe_latency`` and :func:`act_cycles`): 29 on ``sim``, 30 on the u280's
+  per-channel geometry (``u280-2ch``); that test checks the model's figure against its runs.
+* **The RTL's structure**: :func:`act_cycles`, the MPE unit's loader reading a pass's
+  activations from the buffers before the engine starts it, and :func:`tables_cycles`, the
+  kernel loading the SFU tables before the first run after an artifact is loaded.
+* **Estimated**: ``store_latency``; ``fetch_latency``, the start of a run to its first
+  instruction dispatched, is the first read of the instruction fetch (``hbm_latency``; the
+  kernel's decode takes a few cycles more, 32 in all against a zero-wait memory model).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-__all__ = ["Timing", "RTL_PROXY", "mpe_latency", "sfu_timing", "timing_for"]
+__all__ = ["Timing", "RTL_PROXY", "mpe_latency", "sfu_timing", "timing_for", "act_cycles", "tables_cycles"]
 
 _TIMING_FILE = Path(__file__).resolve().parent.parent / "hw" / "mpe_timing.json"
 _SFU_FILE = Path(__file__).resolve().parent.parent / "hw" / "sfu_timing.json"
@@ -77,16 +88,43 @@ class Timing:
     sfu_latency: int = 32            #: last element in -> results in the buffers (RTL)
     sfu_overhead: tuple = ()         #: (opcode, fixed, per_row) issue cycles beyond the elements (RTL)
     store_latency: int = 64          #: last write burst -> data in HBM (estimate)
+    mpe_out_latency: int = 30        #: the MPE unit's output path beyond the engine (RTL)
+    fetch_latency: int = 64          #: start -> first instruction dispatched (its fetch: hbm_latency)
 
     def __post_init__(self):
         if not 0 < self.hbm_efficiency <= 1:
             raise ValueError(f"hbm_efficiency must be in (0, 1], not {self.hbm_efficiency}")
-        for f in ("hbm_latency", "mpe_latency", "sfu_latency", "store_latency"):
+        for f in ("hbm_latency", "mpe_latency", "sfu_latency", "store_latency", "mpe_out_latency",
+                  "fetch_latency"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
 
     def with_(self, **kw) -> "Timing":
         return replace(self, **kw)
+
+
+def act_cycles(params, tokens: int, k: int, group: int = 0) -> int:
+    """Cycles the MPE unit's loader takes to read one pass's activations from the buffers:
+    per token one scale read, ``k / min(chain_len, sfu_lanes)`` activation reads (an engine
+    word, or its ``sfu_lanes``-wide parts) and, with group factors (``group`` elements per
+    factor, 0 for none), one factor read per ``sfu_lanes`` groups (``hw/mpe_unit.py``,
+    the loader). The engine starts a pass when its activations are in; the loader fills one
+    half of the activation buffer while the engine runs the other, so only a pass that
+    waited for its inputs exposes this."""
+    per = -(-k // min(params.chain_len, params.sfu_lanes))
+    if group:
+        per += -(-k // (group * params.sfu_lanes))
+    return tokens * (1 + per)
+
+
+def tables_cycles(params, timing: "Timing", words: int) -> float:
+    """Cycles of loading ``words`` float32 SFU table values over the instruction port
+    (``hw/tables.py``: one port word of 4 values per beat) before the first run after an
+    artifact is loaded."""
+    from ..hw.isa import WORD_BITS
+    if words <= 0:
+        return 0.0
+    return timing.hbm_latency + words / (WORD_BITS // 32) / timing.hbm_efficiency
 
 
 def timing_for(params, **overrides) -> Timing:

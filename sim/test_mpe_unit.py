@@ -237,10 +237,10 @@ def timing_groups(p):
 
 def golden_cycles(p, case: Case, proxy: str):
     """The golden cycle model on ``case``'s program (the MPE latency measured for ``proxy``):
-    the total, the issue cycles per operation (``free - start``: max(compute, fetch)) and the
-    compute cycles per operation."""
+    the total (the unit alone: no instruction fetch), the issue cycles per operation (``free -
+    start``: max(compute, fetch)), the compute and the activation-load cycles per operation."""
     s = case.setup
-    tm = timing_for(get_preset(proxy))
+    tm = timing_for(get_preset(proxy), fetch_latency=0)
     kvl = s.kv[0] if s.kv else None
     plan = {"max_seq": p.max_seq_len, "kv_bytes": 0, "out_row_bytes": 4}
     if kvl is not None:
@@ -261,8 +261,9 @@ def golden_cycles(p, case: Case, proxy: str):
     prog = [ins for ins, _ in case.prog] + [Instr(Opcode.END)]
     st = g.run(prog, regs)
     op = ins0.op.name
-    work = float(np.mean([ci.h()[0] for ci in g._prepare(prog)[:-1]]))      # compute alone
-    return st.cycles, st.op_cycles[op] / st.op_count[op], work
+    costs = [ci.h() for ci in g._prepare(prog)[:-1]]           # (compute, fetch, activation load, passes)
+    work, act = (float(np.mean([c[k] for c in costs])) for k in (0, 2))
+    return st.cycles, st.op_cycles[op] / st.op_count[op], work, act
 
 
 def measure(p, groups, proxy):
@@ -281,12 +282,14 @@ def measure(p, groups, proxy):
         # compute phase's latency, token -> results in the buffers (the model: work + mpe_latency)
         dcase = Case(case.setup, case.bufs, [(ins.with_(wait=SFU_TOK), r) for ins, r in case.prog])
         dep = run(p, tag + "-dep", build(dcase, p.buf_heads), seed=1, serial=True, tok_delay=400, **kw)
-        total, issue, work = golden_cycles(p, case, proxy)
+        total, issue, work, act = golden_cycles(p, case, proxy)
+        tm = timing_for(get_preset(proxy))
         d = b2b["done"]
         out[name] = {"ops": len(d), "golden_issue": issue, "rtl_interval": (d[-1] - d[0]) / (len(d) - 1),
                      "golden_total": total, "rtl_total": d[-1] - b2b["accepted"][0],
                      "rtl_latency": float(np.mean([dn - ac for ac, dn in zip(ser["accepted"], ser["done"])])),
-                     "golden_work": work, "golden_token_to_done": work + timing_for(get_preset(proxy)).mpe_latency,
+                     "golden_work": work, "golden_act": act,
+                     "golden_token_to_done": work + act + tm.mpe_latency + tm.mpe_out_latency,
                      "rtl_token_to_done": float(np.mean([dn - tk for tk, dn in zip(dep["tok"], dep["done"])]))}
     return out
 
@@ -299,6 +302,10 @@ def check_cycles(p, proxy):
         # large operations: within 2%; small ones: a fixed overhead (the dequant units' refill,
         # the engine's row tiles padded to `chains` rows, activation loads)
         assert over <= max(0.02 * r["golden_issue"], 40), (name, r)
+        # after its compute-phase token: the activation load, the work and the engine's and
+        # the unit's output latencies (runtime/timing.py's mpe_out_latency is measured here)
+        miss = r["rtl_token_to_done"] - r["golden_token_to_done"]
+        assert abs(miss) <= max(0.05 * r["golden_token_to_done"], 16), (name, r)
     return res
 
 
