@@ -395,12 +395,15 @@ class Golden:
     def weight(self, i, ins) -> _Weight:
         f = ins.f
         off = f.get("w_off", 0)
-        w = self.weights.get(off)
-        if w is not None:
-            return w
         n, k = f.get("n_out", 0), f.get("k_in", 0)
         what = f"instruction {i} ({ins.op.name})"
         fmt = weight_format(f, what)
+        # keyed by every field that reads the tensor: an instruction at a known offset with
+        # another shape, format or shift gets the checks below, not the cached tensor
+        wkey = (off, fmt.name, n, k, f.get("shift", 0))
+        w = self.weights.get(wkey)
+        if w is not None:
+            return w
         if n <= 0 or k <= 0 or k % fmt.group_size:
             raise GoldenError(f"{what}: bad shape n_out={n} k_in={k}")
         if self.has_tensors:
@@ -437,7 +440,7 @@ class Golden:
             w.qt = (qt.q, S, M)
             if cached is not None:
                 _save_npz(cached, q=qt.q, S=S, **({"M": M} if M is not None else {}))
-        self.weights[off] = w
+        self.weights[wkey] = w
         return w
 
     def _prepared(self, w: _Weight):
@@ -603,8 +606,8 @@ class Golden:
             # has handed the previous instruction's last pass to the engine)
             loaded = max(t_comp, sb, self._load_free) + act
             cs = max(self._free[u], loaded, first)
-            per_pass = work / passes
-            ce = max(cs + work, first + hbm, cs + (passes - 1) * max(act, per_pass) + per_pass)
+            per_pass = work / passes if passes else 0.0         # an MM of 0 rows: no pass
+            ce = max(cs + work, first + hbm, cs + max(passes - 1, 0) * max(act, per_pass) + per_pass)
             self._load_free = ce - per_pass
             self._fetch_free = max(fs + hbm, ce - tm.hbm_latency - self.fifo_cycles)
             self._hbm_free = fs + hbm

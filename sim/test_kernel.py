@@ -109,20 +109,27 @@ def test_tiny_model_prefill_and_decode_are_bit_identical(devices):
     assert len(ids) == 4
 
 
-def test_tiny_model_sparse_preset_is_bit_identical(tmp_path_factory):
-    """The same on a 2:4-sparse compile (N:M-sparse INT4 layers, the sparse MUX path)."""
+def compile_and_compare(d, gguf, preset, prompt_len, steps, seed):
+    """``gguf`` compiled with ``preset`` for ``sim`` into ``d``, then :func:`_generate_both`
+    on a random prompt of ``prompt_len`` tokens (``seed``) on a fresh kernel."""
     from flightllm.compiler.compile import compile_model
-    from flightllm.compiler.tiny import write_tiny_model
     from flightllm.hw.params import get_preset
 
-    d = tmp_path_factory.mktemp("sparse")
-    compile_model(write_tiny_model(d / "tiny.gguf", seed=1), d / "art", "w4-2:4", get_preset("sim"), progress=False)
+    compile_model(gguf, d / "art", preset, get_preset("sim"), progress=False)
     rtl, gold = _load_both(d / "art")
     try:
-        prompt = [int(t) for t in np.random.default_rng(4).integers(0, gold.plan["vocab"], 5)]
-        _generate_both(rtl, gold, prompt, steps=2)
+        prompt = [int(t) for t in np.random.default_rng(seed).integers(0, gold.plan["vocab"], prompt_len)]
+        return _generate_both(rtl, gold, prompt, steps)
     finally:
         rtl.close()
+
+
+def test_tiny_model_sparse_preset_is_bit_identical(tmp_path_factory):
+    """The same on a 2:4-sparse compile (N:M-sparse INT4 layers, the sparse MUX path)."""
+    from flightllm.compiler.tiny import write_tiny_model
+
+    d = tmp_path_factory.mktemp("sparse")
+    compile_and_compare(d, write_tiny_model(d / "tiny.gguf", seed=1), "w4-2:4", prompt_len=5, steps=2, seed=4)
 
 
 def _first(prog, op):
@@ -409,7 +416,7 @@ def _golden_snapshot(m):
 
 def _golden_restore(m, snap):
     """The golden machine's data back to ``snap`` (in place: prepared programs hold the
-    objects), and its weight cache emptied (the test's docstring: golden model, 1)."""
+    objects)."""
     for k in ("bufs", "kvm"):
         getattr(m, k).clear()
         getattr(m, k).update(copy.deepcopy(snap[k]))
@@ -417,7 +424,6 @@ def _golden_restore(m, snap):
     for a, b in zip(m.channels, snap["channels"]):
         a[:] = b
     m.out = snap["out"].copy()
-    m.weights.clear()
 
 
 def _golden_unit_verdict(gold, words, regs):
@@ -524,11 +530,10 @@ def test_fuzz_unit_instructions_end_as_the_spec_says(devices, tiny_sim):
     BAD_FIELD; for these it does not, or the two disagree on what is a fault):
 
     The golden model
-      1. caches a weight tensor by its offset alone (``Golden.weight``): once the tensor at a
-         ``w_off`` is loaded (any run of the artifact's programs), an MV/MM/EMBED at that
-         offset with other n_out, k_in, format or shift skips every check and runs with the
-         cached tensor (MV shift 16 -> 15: OK, computed with shift 16), or fails in numpy
-         (MV n_out 32 -> 40: ValueError). This test empties the cache before each run.
+      1. cached a weight tensor by its offset alone (``Golden.weight``): an MV/MM/EMBED at a
+         loaded tensor's ``w_off`` with other n_out, k_in, format or shift skipped every
+         check (MV shift 16 -> 15 ran OK with shift 16). Fixed: the cache is keyed by all of
+         them.
       2. checks what only it knows, and the kernel runs (on whatever its buffers and HBM
          hold): what each buffer holds (written or not, float32 or int8, rows, width,
          segments); the plan (the tensor table, the KV cache's layout, the spaces' and the
@@ -536,8 +541,8 @@ def test_fuzz_unit_instructions_end_as_the_spec_says(devices, tiny_sim):
          and QUANTG segments dividing n, QUANT's level, ROPE's head_dim).
       3. fails with other exceptions than GoldenError: ARGMAX of 0 rows (IndexError),
          QUANTG of n = 0 (ValueError), PV with ``rep`` past the query heads, ST_KT from PQ,
-         LD_KV with ``row_bytes % 4 != 0`` (ValueError; ``hw/ldst.py`` notes this one), MM of
-         0 rows (ZeroDivisionError in the cycle model).
+         LD_KV with ``row_bytes % 4 != 0`` (ValueError; ``hw/ldst.py`` notes this one). (An MM
+         of 0 rows, a ZeroDivisionError in the cycle model, is fixed: no pass, as the kernel.)
     The kernel
       1. rejects (BAD_FIELD) what the golden model runs: SFU operations of 0 or more than 255
          rows (``SfuDecode``), MPE destinations that are not float32 row buffers and rows or
