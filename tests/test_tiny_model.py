@@ -233,3 +233,40 @@ def test_smallest_model_compiles_and_round_trips(tmp_path):
     compile_model(p, tmp_path / "art", "native", get_preset("sim"), progress=False)
     drv = Driver(tmp_path / "art")
     assert len(list(drv.generate(tok.encode("Hi there"), 4, stop_ids=()))) == 4
+
+
+# -- a slice of the real model -----------------------------------------------------------------
+def test_slice_keeps_the_real_tensors(tmp_path, capsys):
+    """``--slice-of smollm2``: the kept blocks' tensors byte for byte as in the source, the
+    embedding rows of the kept tokens (zero for the byte symbols the source lacks), the
+    source's hyperparameters but the block count, and a model that compiles for sim."""
+    out = tmp_path / "slice.gguf"
+    assert main(["tiny-model", "-o", str(out), "--slice-of", "smollm2", "--layers", "2", "--vocab", "300"]) == 0
+    src, got = gguf.GGUFReader(smollm2_path()), gguf.GGUFReader(out)
+    st, gt = {t.name: t for t in src.tensors}, {t.name: t for t in got.tensors}
+    assert sorted(gt) == sorted(n for n in st if n.startswith(("blk.0.", "blk.1.")) or n in
+                                ("token_embd.weight", "output_norm.weight"))
+    for name, t in gt.items():
+        if name != "token_embd.weight":
+            assert t.tensor_type == st[name].tensor_type
+            assert np.array_equal(np.asarray(t.data), np.asarray(st[name].data)), name
+    cut = cut_vocabulary(smollm2_path(), 300)
+    emb, semb = np.asarray(gt["token_embd.weight"].data), np.asarray(st["token_embd.weight"].data)
+    assert emb.shape[0] == 300 and -1 in cut.source_ids
+    for new, old in enumerate(cut.source_ids):
+        assert np.array_equal(emb[new], semb[old] if old >= 0 else np.zeros_like(emb[new])), new
+    for key in ("llama.embedding_length", "llama.attention.head_count_kv", "llama.rope.freq_base"):
+        assert got.fields[key].contents() == src.fields[key].contents()
+    assert got.fields["llama.block_count"].contents() == 2
+    m = load_gguf(out)
+    assert m.config.n_layers == 2 and m.tensors["token_embd.weight"].shape[0] == 300
+
+
+@pytest.mark.parametrize("args, msg", [(["--layers", "0"], "1..30 blocks"), (["--layers", "31"], "1..30 blocks"),
+                                       (["--vocab", "10"], "vocab")])
+def test_bad_slice_names_the_option_and_writes_nothing(tmp_path, capsys, args, msg):
+    out = tmp_path / "s.gguf"
+    assert main(["tiny-model", "-o", str(out), "--slice-of", "smollm2", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flightllm tiny-model: error: ") and msg in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
