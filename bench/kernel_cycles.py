@@ -122,6 +122,7 @@ def smollm2_block(pause: float, prompt_len: int = 4) -> dict:
     from flightllm.compiler.gguf_import import default_model_path
     from flightllm.runtime.device import GoldenDevice
     from flightllm.runtime.rtl import RtlDevice
+    from flightllm.sim import rtl as simrtl
 
     d = Path(tempfile.mkdtemp(prefix="kernel-smollm2-"))
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, BLOCK_VOCAB, prompt_len)]
@@ -172,7 +173,8 @@ def smollm2_block(pause: float, prompt_len: int = 4) -> dict:
     speed = sum(r["rtl"] for r in runs) / sum(r["seconds"] for r in runs)
     return {"pause": pause, "runs": runs, "cycles_per_s": round(speed), "smollm2_decode_cycles": token,
             "smollm2_decode_sim_hours": round(token / speed / 3600, 2), "layers": full.plan["layers"],
-            "vocab": full.plan["vocab"], "macs": full.params.macs, "block_vocab": BLOCK_VOCAB}
+            "vocab": full.plan["vocab"], "macs": full.params.macs, "block_vocab": BLOCK_VOCAB,
+            "opt_fast": simrtl.KERNEL.opt_fast}
 
 
 def markdown(res: dict) -> str:
@@ -218,7 +220,8 @@ def markdown(res: dict) -> str:
             out.append(f"| {r['program']} | {r['pos']} | {r['tokens']} | {r['rtl']:,} | {r['golden']:,} | "
                        f"{r['diff_pct']:+.1f}% | {r['seconds']:,} | {r['cycles_per_s']:,} |")
         out += ["", f"Verilator runs the kernel at {b['cycles_per_s']:,} cycles per second (this machine, one "
-                f"core, the `-O0` build). A whole SmolLM2 decode token on `sim` is "
+                f"core, hot code built with `{b['opt_fast']}`: `sim/rtl.py`). A whole SmolLM2 decode token on "
+                f"`sim` is "
                 f"{b['smollm2_decode_cycles']:,} cycles in the golden model ({b['layers']} blocks and the "
                 f"{b['vocab']:,}-row LM head on {b['macs']} MACs per cycle): about {b['smollm2_decode_sim_hours']} hours of simulation."]
     return "\n".join(out) + "\n"

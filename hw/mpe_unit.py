@@ -74,11 +74,12 @@ sustained channel rate). Back to back, an operation occupies the unit for the go
 issue time ``max(compute, fetch)`` within 0-8 cycles (u280's per-channel geometry: 0-4);
 operations of a few dozen cycles cost ~15-18 more (the dequant units' refill per operation,
 and MV/MM row tiles padded to ``chains`` rows, which the model does not count). After its
-compute-phase token an instruction's results land later than the model's ``work +
-mpe_latency`` by the activation load (``tokens x (K / sfu_lanes + 1)`` cycles and ~6 of
-control) plus the output path (24 cycles of MpeOutLane, ~6 of writes) minus the model's
-margin over the bare engine (``mpe_latency`` 36 vs 26 on u280-2ch): 36-48 cycles for the
-small QK/PV of a decode step on the u280's geometry.
+compute-phase token an instruction's results land after the activation load (``tokens x
+(K / sfu_lanes + 1)`` cycles and a factor read per ``sfu_lanes`` groups), the work, the
+engine's latency and the output path (24 cycles of MpeOutLane, ~6 of writes): the golden
+model charges each (``runtime/timing.py``: ``act_cycles``, ``mpe_latency``,
+``mpe_out_latency``), and ``test_cycles`` checks it within 5% (within a cycle for single-pass
+operations on ``sim``).
 
 Faults (``fault``, held until ``abort``): an MV/MM format not in the build, ``N`` or ``K``
 zero or ``K`` not whole groups, ``shift > 25``, an MV with ``rows != 1``, a ``w_off`` that is

@@ -96,6 +96,8 @@ class Design:
     #: Verilator warnings waived for this design only (beyond :data:`VERILATOR_WAIVERS`), each
     #: with the reason: ``{warning: reason}`` as items
     waivers: tuple = ()
+    #: C++ optimisation of the model's hot code (Verilator's OPT_FAST; :data:`MAKE_VARS`)
+    opt_fast: str = "-O0"
 
 
 def _mpe(params):
@@ -184,13 +186,19 @@ def _kernel_sources() -> tuple:
 #: (per-instruction cycles for the testbench); its sources are the modules its generator imports.
 KERNEL = Design("kernel", "flightllm_kernel", _kernel, _kernel_sources,
                 waivers=(("SYMRSVDWORD", "Vitis requires the kernel's interrupt output to be named "
-                                         "`interrupt`, a C++ keyword-like word Verilator renames"),))
+                                         "`interrupt`, a C++ keyword-like word Verilator renames"),),
+                # its runs are long (a tiny-model token is ~18K cycles, a SmolLM2 block's
+                # prefill ~0.5M): -O2 on the hot code builds ~40 s longer and runs 3x faster
+                # (2,200 -> 6,800 cycles/s, docs/kernel_cycles.md)
+                opt_fast="-O2")
 
 
 def build_dir(params: HwParams, design: Design = MPE) -> pathlib.Path:
     """``sim_build/<preset>[-<design>]-<hash>``: the hash covers the parameters and the
     design's sources, so an edited generator never reuses a stale simulator."""
     h = hashlib.sha256(params.to_json().encode())
+    if design.opt_fast != "-O0":                # (-O0 builds keep their directories)
+        h.update(design.opt_fast.encode())
     for name in design.sources() if callable(design.sources) else design.sources:
         h.update((ROOT / name).read_bytes())
     tag = "" if design is MPE else f"-{design.name}"
@@ -200,14 +208,16 @@ def build_dir(params: HwParams, design: Design = MPE) -> pathlib.Path:
 #: C++ optimisation of the Verilated model: the testbench's simulations are short (about a
 #: second of wall time per test even unoptimised), its builds are not (-Os, Verilator's
 #: default, takes minutes for the u280-geometry MPE; -O1 half again as long as -O0), so
-#: the model is compiled for build speed.
-MAKE_VARS = ("OPT_FAST=-O0", "OPT_SLOW=-O0", "OPT_GLOBAL=-O0")
+#: the model is compiled for build speed; a design with long runs raises its hot code's
+#: level (:attr:`Design.opt_fast`).
+MAKE_VARS = ("OPT_SLOW=-O0", "OPT_GLOBAL=-O0")
 
 
-def _runner():
+def _runner(design):
     """cocotb's Verilator runner, adjusted: only the top module's signals are public (the
     testbench drives and reads ports only; cocotb's ``--public-flat-rw`` makes every signal
-    public, which bloats and slows the C++ build several-fold), and :data:`MAKE_VARS`."""
+    public, which bloats and slows the C++ build several-fold), and the optimisation levels
+    (:data:`MAKE_VARS`, :attr:`Design.opt_fast`)."""
     from cocotb_tools.runner import get_runner
 
     base = type(get_runner("verilator"))
@@ -219,7 +229,7 @@ def _runner():
             if "--public-flat-rw" in verilate:
                 i = verilate.index("--public-flat-rw")
                 verilate[i:i + 1] = ["--public-depth", "1"]
-            make.extend(MAKE_VARS)
+            make.extend((f"OPT_FAST={design.opt_fast}", *MAKE_VARS))
             return cmds
 
     return LeanVerilator()
@@ -253,7 +263,7 @@ def build(params: HwParams, waves: bool = False, design: Design = MPE):
     # a sibling, not a subdirectory: verilated.mk puts `..` on make's VPATH, so a nested
     # build would link the parent's (untraced) objects
     sdir = bdir.with_name(bdir.name + "-waves") if waves else bdir
-    runner = _runner()
+    runner = _runner(design)
     runner.build(
         sources=[vfile], hdl_toplevel=design.top, build_dir=sdir, waves=waves,
         # -Wall plus the named waivers keeps the simulator build as strict as the lint test
