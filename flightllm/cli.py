@@ -128,10 +128,12 @@ def _cmd_perplexity(args) -> int:
     if args.backend != "float" and (args.artifact or args.preset != "float"):
         # [issue 3] bit-exact path: the artifact's programs on a device (golden model)
         from .runtime.cli import resolve_artifact
+        from .runtime.device import open_device
         from .runtime.driver import Driver
 
+        dev = open_device(args.backend)     # a missing backend (no pyxrt, no card) fails before a compile
         drv = Driver(resolve_artifact(args.artifact, args.preset, args.hw or "u280", args.quiet, args.model,
-                                      args.kv, args.sink, args.window), args.backend)
+                                      args.kv, args.sink, args.window), dev)
         ids = np.asarray(drv.tok.encode(text), dtype=np.int64)
         nll, n = drv.nll_windows(ids, args.context, bar and (lambda it: bar(it, desc="perplexity")))
         if n == 0:
@@ -252,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON with ppl, tokens, ...")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     # [issue 3] compressed presets and artifacts run bit-exact on a device backend
-    q.add_argument("--backend", default="golden",
+    from .runtime.device import BACKENDS
+
+    q.add_argument("--backend", default="golden", choices=(*BACKENDS, "float"),
                    help="golden (default: the artifact's programs, bit-exact), rtl (the same programs on the "
-                        "generated kernel under Verilator) or float (dequantized float forward)")
+                        "generated kernel under Verilator), xrt (on a U280, see `flightllm flash`) or float "
+                        "(dequantized float forward)")
     q.add_argument("--hw", default=None, help="hardware preset when compiling for --preset (default u280)")
     add_kv_args(q)
     q.set_defaults(func=_cmd_perplexity)
@@ -264,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.cli import add_cli as add_runtime_cli   # [issue 3] generate, chat, disasm
 
     add_runtime_cli(sub)
+    from .runtime.xrt import add_cli as add_xrt_cli      # [issue 12] devices, flash
+
+    add_xrt_cli(sub)
     from .runtime.perf import add_cli as add_perf_cli
 
     add_perf_cli(sub)

@@ -86,11 +86,13 @@ def resolve_artifact(artifact: str | None, preset: str, hw: str, quiet: bool = F
 
 def _driver(args):
     from ..hw.params import get_preset
+    from .device import open_device
     from .driver import Driver
 
-    path = resolve_artifact(args.artifact, args.preset, args.hw, args.quiet)
     params = get_preset(args.hw) if args.artifact is None or args.hw_given else None
-    return Driver(path, args.backend, params)
+    dev = open_device(args.backend, params)     # a missing backend (no pyxrt, no card) fails before a compile
+    path = resolve_artifact(args.artifact, args.preset, args.hw, args.quiet)
+    return Driver(path, dev)
 
 
 def _sampler(args):
@@ -200,11 +202,15 @@ def _common(p, with_artifact=True):
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"compression preset when no --artifact (default {DEFAULT_PRESET}: the GGUF's own formats)")
     p.add_argument("--hw", default=None, help="hardware preset (default: the artifact's, u280 when compiling)")
-    p.add_argument("--backend", default="golden", choices=("golden", "rtl"),
+    from .device import BACKENDS
+
+    p.add_argument("--backend", default="golden", choices=tuple(BACKENDS),
                    help="golden: the bit-exact golden model (default); rtl: the generated kernel under "
                         "Verilator, driven register by register like the board (needs an artifact for a "
                         "small preset such as --hw sim, e.g. from `flightllm tiny-model`; builds the "
-                        "simulator once, minutes)")
+                        "simulator once, minutes); xrt: the same driver on a U280 through pyxrt, with the "
+                        "xclbin `flightllm flash` loaded (FLIGHTLLM_XRT_DEVICE: card index, default 0; "
+                        "FLIGHTLLM_XRT_XCLBIN: load this xclbin first)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")

@@ -138,8 +138,13 @@ def _rtl(params):
     return RtlDevice(params)
 
 
+def _xrt(params):
+    from .xrt import XrtDevice          # pyxrt only when asked for (XrtError if it is missing)
+    return XrtDevice(params)
+
+
 #: backend name -> constructor taking the hardware parameters (None: the artifact's)
-BACKENDS = {"golden": GoldenDevice, "rtl": _rtl}
+BACKENDS = {"golden": GoldenDevice, "rtl": _rtl, "xrt": _xrt}
 
 
 def open_device(backend: str, params: HwParams | None = None):
