@@ -252,16 +252,25 @@ def fake_pyxrt(board: FakeBoard) -> types.ModuleType:
     return x
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def _compile_tiny(tmp_path_factory, hw):
     from flightllm.compiler.artifact import Artifact
     from flightllm.compiler.compile import compile_model
     from flightllm.hw.params import get_preset
 
     d = tmp_path_factory.mktemp("xrt")
     g = write_tiny_gguf(d / "tiny.gguf", qtype="Q4_1", embd_qtype="Q8_0")
-    compile_model(g, d / "art", "native", get_preset("sim"), progress=False)
+    compile_model(g, d / "art", "native", get_preset(hw), progress=False)
     return Artifact(d / "art")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _compile_tiny(tmp_path_factory, "sim")
+
+
+@pytest.fixture(scope="module")
+def tiny_u280(tmp_path_factory):
+    return _compile_tiny(tmp_path_factory, "u280")
 
 
 @pytest.fixture
@@ -433,10 +442,13 @@ def test_register_writes_are_the_kernel_drivers(tiny):
     assert (R.CTRL, R.AP_START) in board.writes and board.runs == 1
 
 
-def test_xrt_device_generates_what_golden_does(tiny):
+@pytest.mark.parametrize("hw", ["sim", "u280"])
+def test_xrt_device_generates_what_golden_does(hw, request):
     """The fake board's kernel is the golden model behind the memory map: the same tokens,
-    bit-identical logits and KV state."""
+    bit-identical logits and KV state (sim: 2 channels; u280: 32 banks, the board's layout)."""
     from flightllm.runtime.driver import Driver
+
+    tiny = request.getfixturevalue("tiny" if hw == "sim" else "tiny_u280")
 
     board, dev, gold = _devices(tiny)
     a, b = Driver(tiny, dev), Driver(tiny, gold)
@@ -467,12 +479,10 @@ def test_a_fault_comes_back_as_its_status(tiny):
 
 
 @pytest.mark.xrt
-def test_on_a_board(tmp_path):
+def test_on_a_board(tmp_path_factory):
     """On a U280 with a flightllm xclbin of the u280 preset loaded: the tiny model compiled
     for u280 generates what the golden model does (skipped without pyxrt, a card or an xclbin)."""
     pytest.importorskip("pyxrt", reason="needs XRT (pyxrt) and a U280 with a flightllm xclbin")
-    from flightllm.compiler.compile import compile_model
-    from flightllm.hw.params import get_preset
     from flightllm.runtime.driver import Driver
     from flightllm.runtime.xrt import XrtError, list_devices
 
@@ -482,8 +492,7 @@ def test_on_a_board(tmp_path):
         pytest.skip(str(e))
     if not devs or not devs[0]["xclbin"]:
         pytest.skip("no U280 with an xclbin loaded (flightllm flash --xclbin FILE)")
-    g = write_tiny_gguf(tmp_path / "tiny.gguf", qtype="Q4_1", embd_qtype="Q8_0")
-    compile_model(g, tmp_path / "art", "native", get_preset("u280"), progress=False)
+    art = _compile_tiny(tmp_path_factory, "u280")
     prompt = [5, 17, 42, 9]
-    got = list(Driver(tmp_path / "art", "xrt").generate(prompt, 6, stop_ids=()))
-    assert got == list(Driver(tmp_path / "art", "golden").generate(prompt, 6, stop_ids=()))
+    got = list(Driver(art, "xrt").generate(prompt, 6, stop_ids=()))
+    assert got == list(Driver(art, "golden").generate(prompt, 6, stop_ids=()))
