@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..hw import regmap as R
+from ..hw.kernel import KERNEL_NAME             # the kernel's name in the xclbin (package_xo's)
 from ..hw.params import HwParams
 from ..hw.regmap import register_map
 from .kernel import KernelDevice
@@ -53,8 +54,6 @@ from .kernel import KernelDevice
 __all__ = ["XrtError", "XrtBus", "XrtDevice", "KERNEL_NAME", "XCLBIN_MAGIC", "import_pyxrt",
            "check_xclbin", "list_devices", "flash", "add_cli"]
 
-#: the kernel's name in the xclbin (the top of hw/kernel.py, the name package_xo gives it)
-KERNEL_NAME = "flightllm_kernel"
 #: first 8 bytes of every xclbin (struct axlf's m_magic, xclbin.h)
 XCLBIN_MAGIC = b"xclbin2\0"
 #: struct axlf: m_magic[8], m_signature_length, reserved[28], m_keyBlock[256], m_uniqueId,

@@ -30,7 +30,7 @@ from conftest import write_tiny_gguf
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
-KERNEL = "flightllm_kernel"
+KERNEL = "flightllm_kernel"                 # hw.kernel.KERNEL_NAME, spelled as a board shows it
 UUID = "5eb0c0de-0000-4000-8000-00000000f1a7"
 BANK_BASE = 0x40_0000_0000           # fake device addresses: bank g at BANK_BASE + g * 2**32
 INSTR_BANK = 32                      # the instr port's bank (HBM[c] for chNN: bank c)
