@@ -324,9 +324,9 @@ class XrtBus:
 class XrtDevice(KernelDevice):
     """The kernel on a U280 behind the Device protocol (``--backend xrt``).
 
-    The card is opened when the device is made (a missing pyxrt, card or xclbin fails at
-    once, before any artifact is loaded); ``params`` None: the artifact's hardware, which
-    must be the xclbin's.
+    A missing pyxrt or card fails when the device is made, before any artifact is loaded;
+    the xclbin and its kernel are checked then too when ``params`` is given, else at
+    :meth:`load` (``params`` None: the artifact's hardware, which must be the xclbin's).
     """
 
     name = "xrt"
