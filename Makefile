@@ -10,7 +10,7 @@ OUT    ?= out
 PRESET ?= native
 HW     ?= u280
 
-.PHONY: all demo test test-all bench bench-quality verilog lint bitstream clean distclean help
+.PHONY: all demo test test-all bench bench-quality verilog lint bitstream synth-ooc clean distclean help
 
 help:
 	@echo "make demo           build the Verilog, compile SmolLM2 ($(PRESET) on $(HW)) and generate text"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench          quality, performance model, speed, instruction and RTL benches -> docs/ (hours)"
 	@echo "make verilog        Verilog + params.json for HW=$(HW) into $(OUT)/hw-$(HW)"
 	@echo "make bitstream      xclbin for the U280 (needs Vitis/Vivado on PATH)"
+	@echo "make synth-ooc      out-of-context Vivado synth + place + route of the kernel (HW=$(HW)) on the U280 part"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,11 @@ verilog: $(STAMP)
 bitstream: verilog
 	@command -v v++ >/dev/null || { echo "make bitstream: v++ (Vitis) not on PATH; source settings64.sh of Vitis 2022.2+ on an FPGA build host" >&2; exit 2; }
 	@echo "make bitstream: the Vitis RTL kernel top (instruction fetch, SFU, AXI masters, ap_ctrl_hs) is not generated yet; $(OUT)/hw-$(HW) holds the matrix engine only" >&2; exit 2
+
+# the kernel alone on the U280 part (hw/platform_u280.py): utilisation and timing without the
+# Vitis link; without Vivado it writes the scripts into $(OUT)/synth-ooc-$(HW) and exits 2
+synth-ooc: $(STAMP)
+	$(PY) -m flightllm.hw.platform_u280 --preset $(HW) -o $(OUT)/synth-ooc-$(HW)
 
 lint: $(STAMP)
 	$(PY) -m pytest tests/test_hw_build.py -k lint
