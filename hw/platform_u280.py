@@ -174,11 +174,20 @@ class U280OocPlatform(U280Platform):
     ``build(component, name)`` makes the component's signature members the top-level ports
     (as ``amaranth.back.verilog.convert`` does), uses :func:`ooc_tcl_template`, emits no pin
     constraints and no board configuration; clock constraints come from
-    ``add_clock_constraint(component.ap_clk, hz)``. Every domain must be defined by the
+    ``add_clock_constraint(component.ap_clk, hz)``, and the port delays of
+    :attr:`board_constraints` are relative to that ``ap_clk``. Every domain must be defined by the
     component itself (the kernel makes ``sync`` from ``ap_clk``/``ap_rst_n``).
     """
 
-    board_constraints = ""
+    #: the boundary: the shell's interconnect registers sit on the other side of every port, so
+    #: the kernel gets the whole ap_clk period on its side of each port path (input and output
+    #: delay 0), and a combinational port-to-port path (two handshakes in one cycle, which
+    #: DESIGN.md's timing rules forbid) is timed too instead of left unconstrained
+    board_constraints = "\n".join([
+        "set_input_delay -clock [get_clocks ap_clk] 0 "
+        "[get_ports -filter {DIRECTION == IN && NAME != ap_clk}]",
+        "set_output_delay -clock [get_clocks ap_clk] 0 [get_ports -filter {DIRECTION == OUT}]",
+    ])
 
     @property
     def file_templates(self):

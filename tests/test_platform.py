@@ -126,6 +126,9 @@ def test_dry_run_writes_scripts(tmp_path, capsys, no_vivado, preset):
                              xdc).group(1))
     assert period == pytest.approx(1e3 / params.clock_mhz)
     assert "LOC" not in xdc                               # ports are not pins
+    assert "set_input_delay -clock [get_clocks ap_clk] 0 " in xdc
+    assert "set_output_delay -clock [get_clocks ap_clk] 0 " in xdc
+    assert "CONFIG_VOLTAGE" not in xdc                    # no board configuration
     assert "vivado" in (out / "build_tiny.sh").read_text()
     assert re.search(r"^module tiny\(", (out / "tiny.v").read_text(), re.M)
     assert type(params).from_dict(json.loads((out / "params.json").read_text())) == params
