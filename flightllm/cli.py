@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         from .hw.build import add_cli
 
         add_cli(sub)
+        from .hw.vitis import add_cli as add_vitis_cli      # [issue 12] bitstream
+
+        add_vitis_cli(sub)
     return p
 
 
