@@ -511,12 +511,16 @@ def build_files(params: HwParams, verilog: str, outdir) -> dict:
 
 # ----------------------------------------------------------------------------- hashes and the flow
 def design_hash(params: HwParams) -> str:
-    """Hash of what the kernel Verilog is made from: the parameters and every ``hw/`` source
-    (``*.py``, ``*.json``) except this module."""
+    """Hash of what the kernel Verilog is made from: the parameters, ``hw/build.py``, the
+    package files ``hw/kernel.py`` imports (directly or not: :data:`flightllm.sim.rtl.KERNEL`'s sources, what
+    the simulator's cache is keyed by) and the ``hw/*.json`` tables."""
+    from flightllm.sim.rtl import KERNEL, ROOT
+
     h = hashlib.sha256(params.to_json().encode())
-    for f in sorted(_HW_DIR.iterdir()):
-        if f.suffix in (".py", ".json") and f.name != pathlib.Path(__file__).name:
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    names = sorted({*KERNEL.sources(), "hw/build.py",
+                    *(f"hw/{f.name}" for f in _HW_DIR.glob("*.json"))})
+    for name in names:
+        h.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
     return h.hexdigest()[:16]
 
 
