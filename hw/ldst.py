@@ -58,7 +58,7 @@ the opcode is the engine's                        (dispatch)           yes
 ``space`` is KV (LD_KV, ST_KV), OUT (ST_OUT)      yes                  yes
 ``A + n`` within space KV                         ``plan kv_bytes``    the space's room (a)
 ``A + n`` within space OUT                        ``max_seq x row``    the space's room (a)
-``row_bytes`` a multiple of 4                     ST_KV, ST_OUT (b)    yes, LD_KV too
+``row_bytes`` a multiple of 4                     yes (b)              yes
 ``buf`` holds float32 (LD_KV, ST_OUT) / int8      when it runs (c)     by the buffer (c)
 ``rows``, ``row_bytes / 4`` fit ``buf``           no                   yes (:func:`targets`)
 ``row_bytes`` is ``buf``'s row width (ST)         when it runs         no
@@ -70,8 +70,8 @@ the opcode is the engine's                        (dispatch)           yes
 and a page, so the room is at least the golden model's bound: what the golden model
 accepts never faults here, and nothing the RTL accepts leaves its space. A transfer
 between the two bounds (a compiler bug) runs here and raises in the golden model.
-(b) LD_KV with ``row_bytes % 4 != 0`` is a numpy ``ValueError`` in the golden model, not a
-``GoldenError`` (and passes there when ``rows = 0``). (c) The golden model decides from
+(b) ST_KV and ST_OUT when they run (against the buffer's row), LD_KV always (also for
+``rows = 0``). (c) The golden model decides from
 what the buffer holds when the instruction runs; the RTL by the buffer: LD_KV takes the
 float32 buffers, ST_OUT those but ``KS``/``VS``, ST_KV the int8 ones (``HQ QQ KQ VQ PQ``).
 The compiler's programs never tell the two apart.

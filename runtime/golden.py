@@ -711,6 +711,9 @@ class Golden:
                                   f"({kv.cap})")
             if fn:
                 q, _, _ = self._i8(i, ins, src, rows)
+                if q.ndim != 2 or q.shape[1] < nkv * hd:
+                    raise GoldenError(f"instruction {i} (ST_KT): buffer {Buf(src).name} is {q.shape}, needs rows of "
+                                      f"{nkv} x {hd} int8 values")
                 vals = q[:, :nkv * hd].reshape(rows, nkv, hd)
                 beats = kv.write(self.channels, layer, kind, pos0, vals)
                 for g, off in enumerate(offs):
@@ -734,7 +737,7 @@ class Golden:
         sink, window = f.get("sink", 0), f.get("window", 0)
         fn = self.functional
         what = f"instruction {i} ({ins.op.name})"
-        if cap != kv.cap or rep <= 0 or g >= kv.kv_heads:
+        if cap != kv.cap or rep <= 0 or g >= kv.kv_heads or (g + 1) * rep > self.plan.get("heads", 1 << 30):
             raise GoldenError(f"{what}: cap {cap}, kv head {g}, rep {rep} do not fit the cache "
                               f"({kv.kv_heads} kv heads of {kv.cap} positions)")
         h0 = g * rep
@@ -962,6 +965,8 @@ class Golden:
 
             def h():
                 rows, addr, nbytes = common()
+                if rb <= 0 or rb % 4:
+                    raise GoldenError(f"instruction {i} (LD_KV): row_bytes {rb} is not whole float32 scales")
                 if fn:
                     bufs[buf] = self.kv[addr:addr + nbytes].copy().view("<f4").reshape(rows, rb // 4)
                 return 0, nbytes / bpc
@@ -1004,8 +1009,8 @@ class Golden:
                 rows = regs[rr] if rr else 1
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
-                    if not grp or n % grp:
-                        raise GoldenError(f"instruction {i} (QUANTG): group {grp} does not divide n {n}")
+                    if not grp or n <= 0 or n % grp:
+                        raise GoldenError(f"instruction {i} (QUANTG): group {grp} does not divide n {n} (n > 0)")
                     q, a, u = sfu.requantize_groups(x, grp)
                     bufs[dst] = (q, a[:, None], u)
                 return self._sfu_cost(op, rows, 2 * rows * n / lanes)
@@ -1064,6 +1069,8 @@ class Golden:
         if op == _ARGMAX:
             def h():
                 rows = regs[rr] if rr else 1
+                if rows <= 0:
+                    raise GoldenError(f"instruction {i} (ARGMAX): rows {rows}: no row to scan")
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
                     regs[_ARGMAX_REG] = int(sfu.argmax(x[rows - 1]))

@@ -350,6 +350,8 @@ _UNIT_CHECKED = {
     "weight format": r"bad weight format fields|is not in hardware preset",
     "weight shape": r"bad shape n_out",
     "MV rows": r"\(MV\): rows_reg gives",
+    "SFU rows": r"no row to scan",
+    "LD_KV row_bytes": r"is not whole float32 scales",
     "attended positions": r"attending up to .* outside 1\.\.",
     "space": r"space must be",
     "positions": r"token positions .* beyond the token buffer|\(ST_KT\): positions .* beyond the cache",
@@ -539,10 +541,10 @@ def test_fuzz_unit_instructions_end_as_the_spec_says(devices, tiny_sim):
          segments); the plan (the tensor table, the KV cache's layout, the spaces' and the
          tables' sizes); relations between SFU fields the SFU takes as preconditions (QUANT
          and QUANTG segments dividing n, QUANT's level, ROPE's head_dim).
-      3. fails with other exceptions than GoldenError: ARGMAX of 0 rows (IndexError),
+      3. failed with other exceptions than GoldenError: ARGMAX of 0 rows (IndexError),
          QUANTG of n = 0 (ValueError), PV with ``rep`` past the query heads, ST_KT from PQ,
-         LD_KV with ``row_bytes % 4 != 0`` (ValueError; ``hw/ldst.py`` notes this one). (An MM
-         of 0 rows, a ZeroDivisionError in the cycle model, is fixed: no pass, as the kernel.)
+         LD_KV with ``row_bytes % 4 != 0`` (ValueError), an MM of 0 rows (ZeroDivisionError in
+         the cycle model). Fixed: each is a GoldenError (the MM has no pass, as in the kernel).
     The kernel
       1. rejects (BAD_FIELD) what the golden model runs: SFU operations of 0 or more than 255
          rows (``SfuDecode``), MPE destinations that are not float32 row buffers and rows or

@@ -543,3 +543,33 @@ def test_kv_options_int4_and_block_sparse(tiny_art, tmp_path):
     # INT8 keys with INT4 values: between the two
     e84 = np.abs(out["k8v4"] - ref).mean()
     assert e8 < e84 < e4, (e8, e84, e4)
+
+
+def test_bad_operands_are_golden_errors(tiny_art):
+    """Operands the unit fuzz (sim/test_kernel.py) found failing inside numpy raise a
+    GoldenError naming the instruction: ARGMAX of 0 rows, QUANTG of n = 0, LD_KV of a
+    row_bytes that is not whole float32 values, ST_KT from a probability buffer, PV with more
+    query heads than the model has."""
+    from flightllm.compiler.artifact import Artifact
+    from flightllm.runtime.device import GoldenDevice
+
+    dev = GoldenDevice(weight_cache=False)
+    dev.load(Artifact(tiny_art[1]))
+    dev.write_tokens(0, [1, 2])
+    dev.write_reg("POS", 0)
+    dev.write_reg("LEN", 2)
+    dev.start("prefill_last")
+    dev.wait()
+    prog = dev.programs["decode"]
+    first = {}
+    for ins in prog:
+        first.setdefault(ins.op, ins)
+    heads = dev.plan["heads"]
+    bad = [(first[Opcode.ARGMAX].with_(rows_reg=Reg.CLEN, wait=0, signal=0), r"\(ARGMAX\): rows 0"),
+           (first[Opcode.QUANTG].with_(n=0, wait=0, signal=0), r"\(QUANTG\): group \d+ does not divide n 0"),
+           (first[Opcode.LD_KV].with_(row_bytes=6, wait=0, signal=0), r"\(LD_KV\): row_bytes 6 is not whole"),
+           (first[Opcode.ST_KT].with_(src=Buf.PQ, wait=0, signal=0), r"\(ST_KT\): buffer PQ is \("),
+           (first[Opcode.PV].with_(rep=heads + 1, kvh=0, wait=0, signal=0), r"\(PV\): .* rep \d+ do not fit")]
+    for ins, msg in bad:
+        with pytest.raises(GoldenError, match=r"instruction 0 " + msg):
+            dev.machine.run([ins, Instr(Opcode.END)], regs={"POS": 2, "LEN": 1, "CLEN": 0})
