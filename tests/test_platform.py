@@ -134,8 +134,11 @@ def test_dry_run_writes_scripts(tmp_path, capsys, no_vivado, preset):
     assert type(params).from_dict(json.loads((out / "params.json").read_text())) == params
 
 
+@pytest.mark.slow_rtl
 def test_dry_run_of_the_sim_kernel(tmp_path, capsys, no_vivado):
-    """The real kernel (sim preset) through the OOC platform: every signature member a port."""
+    """The real kernel (sim preset) through the OOC platform: every signature member a port.
+    (Slow set: a whole-kernel Verilog generation, ~90 s; the dry run itself is tested above
+    on a small top.)"""
     from flightllm.hw.kernel import Kernel
 
     params = get_preset("sim")
