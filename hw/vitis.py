@@ -86,7 +86,7 @@ FILES = ("package_kernel.tcl", "gen_xo.tcl", "link.cfg", "floorplan.tcl", "flow.
 TOOLS = ("vivado", "v++")
 #: What generating the kernel Verilog costs (measured with /usr/bin/time -v on a 2-core build
 #: machine): printed before a generation.
-GEN_NOTE = "u280-2ch: about 3 min and 2.4 GB; u280: longer"
+GEN_NOTE = "u280-2ch: about 3 min and 2.4 GB; u280: about 45 min and 13 GB of memory"
 
 _HW_DIR = pathlib.Path(__file__).resolve().parent
 
