@@ -3,7 +3,7 @@ preset: ports, interfaces, register offsets and widths, kernel name, clock, floo
 the ``bitstream`` command's dry run, errors and cache. No Vivado needed (one test that runs the
 packaging carries the ``vivado`` marker and skips without it).
 
-The ``sim`` kernel Verilog is generated once per hw/ sources into ``sim_build/`` (about a minute
+The ``sim`` kernel Verilog is generated once per hw/ sources into ``sim_build/`` (86 s measured
 the first time, then reused)."""
 
 import json
