@@ -172,6 +172,12 @@ _PER_HEAD = {b.value for b in PER_HEAD}
 _K_OP, _K_SETR, _K_LOOP, _K_END, _K_NOP = range(5)
 
 
+def _attended(cols) -> int:
+    """The positions of the groups of ``KV_GROUP`` that hold an attended one (``cols``: a
+    bool per position, a multiple of ``KV_GROUP``): what SOFTMAX passes over and PV loads."""
+    return int(cols.reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
+
+
 def _rname(r):
     if isinstance(r, tuple):
         if r[0] == "KVT":
@@ -774,7 +780,7 @@ class Golden:
 
             def h():
                 rows, valid, n, n32, mask = rows_and_mask()
-                used = int(mask.any(axis=0).reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
+                used = _attended(mask.any(axis=0))
                 if fn:
                     S = self._scores(src, rows, self.plan["heads"], create=False, i=i, ins=ins)
                     vs = self._f32(i, ins, aux, n)
@@ -816,7 +822,8 @@ class Golden:
 
         def h():                                                            # PV
             rows, valid, n, n32, mask = rows_and_mask()
-            recs, nbytes = kv.stream(1, mask.any(axis=0))
+            cols = mask.any(axis=0)
+            recs, nbytes = kv.stream(1, cols)
             t2 = rows * rep
             if fn:
                 P = bufs.get(src)
@@ -837,9 +844,8 @@ class Golden:
                 A[:, h0 * hd:(h0 + rep) * hd] = out.reshape(rows, rep * hd)
             passes = -(-t2 // mm_tokens)
             self._stats.kv_bytes += passes * nbytes * p.weight_channels
-            used = int(mask.any(axis=0).reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
             return (t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc,    # recs x (chains x 32) MACs
-                    act_cycles(p, min(t2, mm_tokens), used, KV_GROUP), passes)
+                    act_cycles(p, min(t2, mm_tokens), _attended(cols), KV_GROUP), passes)
         return h, ((src, g),), ((dst, g),), (("KVT", off),)
 
     # -- operations: a handler () -> cycles per instruction, with its reads and writes --
