@@ -317,16 +317,10 @@ def write_tiny_model(path, *, layers: int = 2, hidden: int = 64, ffn: int = 128,
         A bad size or type (the message names the ``flightllm tiny-model`` option), a
         missing output directory, or no tokenizer to cut.
     """
-    import gguf
-
     from .gguf_import import default_model_path
 
     _check(layers, hidden, ffn, heads, kv_heads, vocab, context, qtype, embd_qtype, seed)
-    path = Path(path)
-    if not path.absolute().parent.is_dir():
-        raise ValueError(f"{path}: directory {path.absolute().parent} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory")
+    path = _output_path(path)
     source = default_model_path() if tokenizer_from is None else Path(tokenizer_from)
     cut = cut_vocabulary(source, vocab)
 
@@ -386,9 +380,7 @@ def write_model_slice(path, *, layers: int = 1, vocab: int = 384, source=None) -
 
     from .gguf_import import default_model_path
 
-    path = Path(path)
-    if not path.absolute().parent.is_dir():
-        raise ValueError(f"{path}: directory {path.absolute().parent} does not exist")
+    path = _output_path(path)
     source = default_model_path() if source is None else Path(source)
     r = gguf.GGUFReader(source)
 
@@ -437,6 +429,16 @@ _LLAMA_KEYS = {"block_count": "block_count", "context_length": "context_length",
                "head_count": "attention.head_count", "head_count_kv": "attention.head_count_kv",
                "rope_freq_base": "rope.freq_base", "rope_dimension_count": "rope.dimension_count",
                "layer_norm_rms_eps": "attention.layer_norm_rms_epsilon"}
+
+
+def _output_path(path) -> Path:
+    """``path`` as a Path, once its directory exists and it is not one (checked before any work)."""
+    path = Path(path)
+    if not path.absolute().parent.is_dir():
+        raise ValueError(f"{path}: directory {path.absolute().parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory")
+    return path
 
 
 def _write_gguf(path: Path, name: str, hp: dict, cut, tensors) -> Path:
