@@ -547,22 +547,20 @@ def _which(tools=TOOLS) -> list:
 
 def _reports(outdir: pathlib.Path) -> list:
     """Lines summarising the routed timing and utilisation reports v++ left in ``_x``."""
+    from .platform_u280 import parse_timing_summary, parse_utilization   # Vivado's report formats
+
     out = []
     tim = sorted(outdir.glob("_x/**/*timing_summary_routed.rpt")) or sorted(outdir.glob("_x/**/*timing*routed*.rpt"))
     if tim:
-        text = tim[-1].read_text(errors="replace")
-        m = re.search(r"WNS\(ns\)\s+TNS\(ns\).*?\n[-\s]+\n\s*(-?[\d.]+)\s+(-?[\d.]+)", text)
-        if m:
-            out.append(f"timing: WNS {m.group(1)} ns, TNS {m.group(2)} ns ({tim[-1].relative_to(outdir)})")
+        t = parse_timing_summary(tim[-1].read_text(errors="replace"))
+        if "WNS(ns)" in t and "TNS(ns)" in t:
+            out.append(f"timing: WNS {t['WNS(ns)']} ns, TNS {t['TNS(ns)']} ns ({tim[-1].relative_to(outdir)})")
         else:
             out.append(f"timing: see {tim[-1].relative_to(outdir)}")
     util = sorted(outdir.glob("_x/**/*util*routed*.rpt"))
     if util:
-        text = util[-1].read_text(errors="replace")
-        for key in ("CLB LUTs", "CLB Registers", "Block RAM Tile", "URAM", "DSPs"):
-            m = re.search(rf"^\|\s*{re.escape(key)}\s*\|\s*([\d.]+)\s*\|.*$", text, re.M)
-            if m:
-                out.append(f"utilisation: {key} {m.group(1)}")
+        for key, (used, _, _) in parse_utilization(util[-1].read_text(errors="replace")).items():
+            out.append(f"utilisation: {key} {used:g}")
         out.append(f"utilisation report: {util[-1].relative_to(outdir)}")
     if shutil.which("xclbinutil") and (outdir / XCLBIN_NAME).exists():
         r = subprocess.run(["xclbinutil", "--info", "--input", str(outdir / XCLBIN_NAME)],
