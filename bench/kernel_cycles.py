@@ -48,24 +48,67 @@ def rtl_instructions(records):
     return out
 
 
-def measure(steps: int, prompt_len: int, pause: float) -> dict:
-    """The runs and the per-opcode gap of one pause probability."""
-    os.environ.setdefault("FLIGHTLLM_CACHE", str(Path(tempfile.gettempdir()) / "flcache"))
+def _devices(art_dir, pause: float):
+    """The artifact at ``art_dir`` loaded on the Verilated kernel (AXI pause probability
+    ``pause``) and on the golden model: ``(artifact, rtl, golden)``."""
     from flightllm.compiler.artifact import Artifact
-    from flightllm.compiler.compile import compile_model
-    from flightllm.compiler.tiny import write_tiny_model
-    from flightllm.hw.params import get_preset
-    from flightllm.runtime.device import GoldenDevice, artifact_programs
+    from flightllm.runtime.device import GoldenDevice
     from flightllm.runtime.rtl import RtlDevice
 
-    d = Path(tempfile.mkdtemp(prefix="kernel-cycles-"))
-    compile_model(write_tiny_model(d / "tiny.gguf"), d / "art", "native", get_preset("sim"), progress=False)
-    art = Artifact(d / "art")
-    progs = artifact_programs(art)
+    art = Artifact(art_dir)
     rtl = RtlDevice(pause=pause)
     rtl.load(art)
     gold = GoldenDevice(weight_cache=False)
     gold.load(art)
+    return art, rtl, gold
+
+
+def _run(dev, name: str, pos: int, ids):
+    """Program ``name`` on ``dev`` with tokens ``ids`` at position ``pos``: its run stats."""
+    dev.write_tokens(pos, ids)
+    dev.write_reg("POS", pos)
+    dev.write_reg("LEN", len(ids))
+    dev.start(name)
+    return dev.wait()
+
+
+def _run_both(rtl, gold, name: str, pos: int, ids, trace: bool = False) -> dict:
+    """:func:`_run` on the kernel (timed; with ``trace`` its trace records) and on the golden
+    model (with ``trace`` its per-instruction schedule); the last row's logits and ARGMAX
+    must be bit-identical (else the bench stops)."""
+    import time
+
+    if trace:
+        rtl.bus.trace(True)
+        gold.machine.trace = []
+    t = time.perf_counter()
+    r = _run(rtl, name, pos, ids)
+    wall = time.perf_counter() - t
+    recs = None
+    if trace:
+        recs = rtl.bus.trace_records()
+        rtl.bus.trace(False)
+    g = _run(gold, name, pos, ids)
+    gtrace, gold.machine.trace = gold.machine.trace, None
+    same = np.array_equal(np.asarray(rtl.read_logits(0, 1), np.float32).view(np.uint32),
+                          np.asarray(gold.read_logits(0, 1), np.float32).view(np.uint32))
+    if not same or rtl.read_reg("ARGMAX") != gold.read_reg("ARGMAX"):
+        raise SystemExit(f"{name} at position {pos} on the RTL differs from the golden model")
+    return {"rtl": r, "golden": g, "wall": wall, "records": recs, "trace": gtrace}
+
+
+def measure(steps: int, prompt_len: int, pause: float) -> dict:
+    """The runs and the per-opcode gap of one pause probability."""
+    os.environ.setdefault("FLIGHTLLM_CACHE", str(Path(tempfile.gettempdir()) / "flcache"))
+    from flightllm.compiler.compile import compile_model
+    from flightllm.compiler.tiny import write_tiny_model
+    from flightllm.hw.params import get_preset
+    from flightllm.runtime.device import artifact_programs
+
+    d = Path(tempfile.mkdtemp(prefix="kernel-cycles-"))
+    compile_model(write_tiny_model(d / "tiny.gguf"), d / "art", "native", get_preset("sim"), progress=False)
+    art, rtl, gold = _devices(d / "art", pause)
+    progs = artifact_programs(art)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, gold.plan["vocab"], prompt_len)]
     runs, per_op = [], defaultdict(lambda: {"n": 0, "gap": 0.0})
@@ -73,28 +116,16 @@ def measure(steps: int, prompt_len: int, pause: float) -> dict:
     tok = None
     for name, pos, ids in plan:
         ids = ids if ids is not None else [tok]
-        for dev in (rtl, gold):
-            dev.write_tokens(pos, ids)
-            dev.write_reg("POS", pos)
-            dev.write_reg("LEN", len(ids))
-        rtl.bus.trace(True)
-        rtl.start(name)
-        r = rtl.wait()
-        recs = rtl.bus.trace_records()
-        rtl.bus.trace(False)
-        gold.machine.trace = []
-        gold.start(name)
-        g = gold.wait()
-        trace, gold.machine.trace = gold.machine.trace, None
+        x = _run_both(rtl, gold, name, pos, ids, trace=True)
+        r, g = x["rtl"], x["golden"]
         tok = gold.read_reg("ARGMAX")
-        assert rtl.read_reg("ARGMAX") == tok
         runs.append({"program": name, "pos": pos, "tokens": len(ids), "rtl": r.cycles, "golden": g.cycles,
                      "diff_pct": round(100 * (r.cycles - g.cycles) / g.cycles, 2)})
         prog = progs[name]
-        rtl_done = {pc: cd for pc, u, ci, cd in rtl_instructions(recs)}
+        rtl_done = {pc: cd for pc, u, ci, cd in rtl_instructions(x["records"])}
         t0 = max(rtl_done.values()) - r.cycles              # the run's start (its last completion - cycles)
         prev = 0.0
-        for pc, op, u, start, done in trace:                 # program order
+        for pc, op, u, start, done in x["trace"]:            # program order
             gap = (rtl_done[pc] - t0) - done
             e = per_op[prog[pc].op.name]
             e["n"] += 1
@@ -112,16 +143,13 @@ def smollm2_block(pause: float, prompt_len: int = 4) -> dict:
     model cycles, the wall-clock seconds of the simulation (Verilator cycles per second),
     and what a whole SmolLM2 decode token is on ``sim`` (the golden model's cycles for the
     full model compiled for ``sim``) and would take to simulate at that speed."""
-    import time
-
     os.environ.setdefault("FLIGHTLLM_CACHE", str(Path(tempfile.gettempdir()) / "flcache"))
     from flightllm.compiler.artifact import Artifact
     from flightllm.compiler.compile import compile_model
+    from flightllm.compiler.gguf_import import default_model_path
     from flightllm.compiler.tiny import write_model_slice
     from flightllm.hw.params import get_preset
-    from flightllm.compiler.gguf_import import default_model_path
     from flightllm.runtime.device import GoldenDevice
-    from flightllm.runtime.rtl import RtlDevice
     from flightllm.sim import rtl as simrtl
 
     d = Path(tempfile.mkdtemp(prefix="kernel-smollm2-"))
@@ -133,37 +161,17 @@ def smollm2_block(pause: float, prompt_len: int = 4) -> dict:
     compile_model(default_model_path(), d / "full", "native", wide, progress=False)
     full = GoldenDevice(weight_cache=False)
     full.load(Artifact(d / "full"))
-    for name, pos, ids in (("prefill_last", 0, prompt), ("decode", prompt_len, [1])):
-        full.write_tokens(pos, ids)
-        full.write_reg("POS", pos)
-        full.write_reg("LEN", len(ids))
-        full.start(name)
-        token = full.wait().cycles
+    _run(full, "prefill_last", 0, prompt)
+    token = _run(full, "decode", prompt_len, [1]).cycles
     print(f"SmolLM2 on sim (golden model): {token:,} cycles per decode token", flush=True)
     compile_model(write_model_slice(d / "block.gguf", layers=1, vocab=BLOCK_VOCAB), d / "art", "native", sim,
                   progress=False)
-    art = Artifact(d / "art")
-    rtl = RtlDevice(pause=pause)
-    rtl.load(art)
-    gold = GoldenDevice(weight_cache=False)
-    gold.load(art)
+    _, rtl, gold = _devices(d / "art", pause)
     runs, tok = [], None
     for name, pos, ids in (("prefill_last", 0, prompt), ("decode", prompt_len, None)):
         ids = ids if ids is not None else [tok]
-        for dev in (rtl, gold):
-            dev.write_tokens(pos, ids)
-            dev.write_reg("POS", pos)
-            dev.write_reg("LEN", len(ids))
-        t = time.perf_counter()
-        rtl.start(name)
-        r = rtl.wait()
-        wall = time.perf_counter() - t
-        gold.start(name)
-        g = gold.wait()
-        same = bool(np.array_equal(np.asarray(rtl.read_logits(0, 1), np.float32).view(np.uint32),
-                                   np.asarray(gold.read_logits(0, 1), np.float32).view(np.uint32)))
-        if not same or rtl.read_reg("ARGMAX") != gold.read_reg("ARGMAX"):
-            raise SystemExit(f"SmolLM2 block: {name} on the RTL differs from the golden model")
+        x = _run_both(rtl, gold, name, pos, ids)
+        r, g, wall = x["rtl"], x["golden"], x["wall"]
         tok = gold.read_reg("ARGMAX")
         runs.append({"program": name, "pos": pos, "tokens": len(ids), "rtl": r.cycles, "golden": g.cycles,
                      "diff_pct": round(100 * (r.cycles - g.cycles) / g.cycles, 2), "seconds": round(wall, 1),
