@@ -24,6 +24,7 @@ the whole flow in seconds, on a tiny random model with SmolLM2's tokenizer:
   flightllm tiny-model -o tiny.gguf
   flightllm compile tiny.gguf -o out/tiny --hw sim
   flightllm generate --artifact out/tiny --prompt "Hello"
+  flightllm serve --artifact out/tiny --port 8000         # OpenAI-compatible HTTP API
 """
 
 

@@ -1,7 +1,8 @@
-"""`flightllm generate`, `flightllm chat` and `flightllm disasm` (hooked by :func:`add_cli`)."""
+"""`flightllm generate`, `flightllm chat`, `flightllm serve` and `flightllm disasm` (hooked by :func:`add_cli`)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from ..compiler.compress import DEFAULT_PRESET
 
-__all__ = ["add_cli", "resolve_artifact", "cache_dir"]
+__all__ = ["add_cli", "resolve_artifact", "cache_dir", "chat_prompt_ids"]
 
 # Everything that decides a cached artifact's bytes: it is reused only while these are
 # unchanged. The import (weights and native integers), the float reference (calibration
@@ -117,6 +118,13 @@ def _stream(drv, ids, args, out=None, reuse=False):
     return got, dt
 
 
+def chat_prompt_ids(tok, messages) -> list:
+    """Token ids of ``messages`` in the model's chat template, ready for the reply
+    (the template's control tokens parsed; used by `chat` and `serve`)."""
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    return tok.encode(prompt, add_bos=False, parse_special=True)
+
+
 def _cmd_generate(args) -> int:
     drv = _driver(args)
     prompt = args.prompt
@@ -163,8 +171,7 @@ def _cmd_chat(args) -> int:
             drv.reset()
             continue
         messages.append({"role": "user", "content": line})
-        prompt = drv.tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = drv.tok.encode(prompt, add_bos=False, parse_special=True)
+        ids = chat_prompt_ids(drv.tok, messages)
         try:
             drv.check_room(len(ids), args.max_new_tokens)
         except ValueError as e:
@@ -175,6 +182,40 @@ def _cmd_chat(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": drv.tok.decode(got, skip_special=True)})
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from .driver import Sampler
+    from .serve import Defaults, create_app
+
+    if args.queue < 0:
+        raise ValueError(f"--queue must be >= 0, not {args.queue}")
+    Sampler(args.temperature, args.top_k, args.top_p)      # bad defaults fail now, not per request
+    drv = _driver(args)             # compile (once) and load before the port opens: errors are one line
+    app = create_app(drv, model_name=args.model_name, queue=args.queue, backend=args.backend,
+                     defaults=Defaults(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                       None if args.seed < 0 else args.seed))
+    # bind here rather than in uvicorn, so that --port 0 (any free port) can be reported
+    sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
+                                else socket.AF_INET)
+    host, port = sock.getsockname()[:2]
+    print(f"flightllm serve: {args.model_name or drv.artifact.config.name} on {args.backend}, "
+          f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1 (queue {args.queue}; Ctrl-C stops)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning" if args.quiet else "info",
+                                           access_log=not args.quiet,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run(sockets=[sock])
+    finally:                        # a second Ctrl-C skips the app's shutdown: close the device here
+        worker = getattr(app.state, "worker", None)
+        if worker is not None:
+            worker.close()
     return 0
 
 
@@ -244,6 +285,41 @@ def add_cli(sub) -> None:
     c.add_argument("--system", default=None, help="system message")
     _common(c)
     c.set_defaults(func=_fix_hw(_cmd_chat), max_new_tokens=256)
+
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat/completions, streaming) over a backend",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the model over HTTP with the OpenAI API's shapes, so OpenAI clients work unchanged:\n"
+                    "  POST /v1/chat/completions  messages in the model's chat template (\"stream\": true: SSE)\n"
+                    "  POST /v1/completions       a prompt continued (\"stream\": true: SSE)\n"
+                    "  GET  /v1/models            the one model served (--model-name)\n"
+                    "  GET  /health               status, backend, requests running and waiting\n"
+                    "The device runs one request at a time; --queue more may wait, and further ones are\n"
+                    "refused at once with 503 and Retry-After. A bad field is a 400 naming it (max_tokens\n"
+                    "beyond the context the prompt leaves, temperature outside 0..2, top_p outside (0, 1]),\n"
+                    "an unknown model a 404. SIGINT/SIGTERM: stop accepting, finish the requests in flight\n"
+                    "(up to --shutdown-timeout), close the device.",
+        epilog="example:\n"
+               "  flightllm serve --artifact out/tiny --port 8000 &\n"
+               "  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+               "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 16}'")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one, printed)")
+    s.add_argument("--queue", type=int, default=4,
+                   help="requests that may wait while one runs on the device (default 4); more get 503")
+    s.add_argument("--model-name", default=None,
+                   help="the model id clients name and /v1/models lists (default: the artifact's model name)")
+    s.add_argument("--shutdown-timeout", type=int, default=30, metavar="SECONDS",
+                   help="on SIGINT/SIGTERM, wait this long for requests in flight, then cancel them (default 30)")
+    _common(s)
+    helps = {"max_new_tokens": "max_tokens of requests that give none, capped by the context left (default 256)",
+             "seed": "sampling seed of requests that give none (default 0: reproducible; -1: a random one each)"}
+    for a in s._actions:            # the sampling options are the defaults of requests that leave them out
+        if a.dest in helps:
+            a.help = helps[a.dest]
+        elif a.dest in ("temperature", "top_k", "top_p"):
+            a.help += "; the default of requests that give none"
+    s.set_defaults(func=_fix_hw(_cmd_serve), max_new_tokens=256)
 
     d = sub.add_parser("disasm", help="print an artifact's instruction programs readably")
     d.add_argument("artifact")
