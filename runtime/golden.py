@@ -20,7 +20,8 @@ Arithmetic
 ----------
 MPE: exactly :mod:`flightllm.runtime.arith` (INT8 activations with group factors x
 INT8-widened weights, exact group sums x fixed-point scales and mins, wrapping int64),
-evaluated by :func:`~flightllm.runtime.arith.mpe_accumulate`. Everything else is the
+evaluated in integers on weights kept packed by :func:`~flightllm.runtime.native.mpe_acc`
+(numba; :func:`~flightllm.runtime.arith.mpe_reference` is the oracle). Everything else is the
 float32 SFU of :mod:`flightllm.runtime.sfu` (the spec of each operation is there).
 
 Timing (the performance model)
@@ -52,7 +53,7 @@ every instruction becomes a bound handler with its fields resolved to plain ints
 its token FIFOs and hazard resources precomputed, so issuing costs a few Python
 operations plus the numpy work; registers are read at issue time only where a field
 names one. Weights are unpacked once per offset (and cached on disk when a cache
-directory is given) and prepared once for :func:`~flightllm.runtime.arith.mpe_accumulate`.
+directory is given) and packed once for :func:`~flightllm.runtime.native.mpe_acc`.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ from ..hw.isa import LOOP_DEPTH, PER_HEAD, TOKEN_UNITS, UNIT_OF, Buf, Opcode, Re
 from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
-from .arith import mpe_accumulate, prepare_weights
+from . import native
+from .native import mpe_acc, pack_mpe
 from .timing import Timing, act_cycles, tables_cycles, timing_for
 
 __all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads", "walk",
@@ -359,18 +361,21 @@ class Golden:
             self.kvl = KvLayout(pl["layers"], pl["kv_heads"], pl["head_dim"], pl["max_seq"],
                                 WeightFormat.parse(pl["kv_format"]), params, pl["kv_base"],
                                 WeightFormat.parse(pl.get("kv_format_v") or pl["kv_format"]))
-        self.channels = None
+        self._channels = None
+        self._kv_pending = []                # ST_KT row writes not yet packed into the images
+        self._kv_beats = {}                  # (kind, pos0, rows) -> beats: the same in every layer
+        self._streams = {}                   # see _stream
         if functional:
             # weight HBM: the images, then the KV cache's values (written by ST_KT)
             base = self.kvl.base if self.kvl else max((len(c) for c in channels), default=0)
             size = base + (self.kvl.channel_bytes if self.kvl else 0)
-            self.channels = []
+            self._channels = []
             for c, img in enumerate(channels):
                 if len(img) > base:
                     raise GoldenError(f"weights/ch{c:02d}.bin: {len(img)} bytes run into the KV cache at {base}")
                 a = np.zeros(size, np.uint8)
                 a[:len(img)] = np.frombuffer(img, np.uint8)
-                self.channels.append(a)
+                self._channels.append(a)
         self.kvm = {}                        # KV region offset -> int8 (cap, head_dim): what ST_KT wrote
         self.kv = np.zeros(pl["kv_bytes"] if functional else 0, dtype=np.uint8)    # LD/ST space KV
         self.out = np.zeros(0, dtype=np.uint8)
@@ -384,6 +389,20 @@ class Golden:
         self._sum_passes = {o.value: sum_passes(o.name) for o in Opcode if UNIT_OF[o] == UNIT_OF[Opcode.ADD]}
 
     # -- host interface -------------------------------------------------------------
+    @property
+    def channels(self):
+        """The weight HBM images (uint8 arrays, writable), with every ST_KT so far in them.
+
+        ST_KT keeps its rows in :attr:`kvm` (what QK and PV read) and packs them into the
+        images only when the images are looked at: the packing is the layout's
+        (:meth:`flightllm.hw.kvcache.KvLayout.write`) and costs more than the rest of a
+        decode step."""
+        if self._kv_pending:
+            pending, self._kv_pending = self._kv_pending, []
+            for layer, kind, pos0, vals in pending:
+                self.kvl.write(self._channels, layer, kind, pos0, vals)
+        return self._channels
+
     def write_tokens(self, pos: int, ids):
         ids = np.asarray(ids, dtype=np.int64)
         if pos < 0 or pos + ids.size > self.tokens.size:
@@ -436,7 +455,7 @@ class Golden:
                 w.qt = (z["q"], z["S"], z["M"] if fmt.has_min else None)
         elif self.functional:
             data = []
-            for c, img in enumerate(self.channels):
+            for c, img in enumerate(self._channels):      # weights: below the KV cache
                 if off + region > len(img):
                     raise GoldenError(f"{what}: tensor at w_off={off} ({fmt.name} {n}x{k}) runs past the end "
                                       f"of weights/ch{c:02d}.bin")
@@ -452,7 +471,7 @@ class Golden:
     def _prepared(self, w: _Weight):
         if w.wg is None:
             q, S, M = w.qt
-            w.wg = prepare_weights(q, S, M, w.fmt.group_size, self.p.act_factor_bits)
+            w.wg = pack_mpe(q, S, M, w.fmt.group_size)
         return w.wg
 
     def _sfu_cost(self, op, rows, work, n=0):
@@ -689,6 +708,17 @@ class Golden:
             v = self.kvm[off] = self.kvl.read(self.channels, layer, kind, g, self.kvl.cap)
         return v
 
+    def _stream(self, kind, cols):
+        """:meth:`~flightllm.hw.kvcache.KvLayout.stream` of the attended positions ``cols``
+        (bool), memoized: every layer and head of a step attends the same positions."""
+        key = (kind, cols.size, np.packbits(cols).tobytes())
+        hit = self._streams.get(key)
+        if hit is None:
+            if len(self._streams) > 4096:
+                self._streams.clear()
+            hit = self._streams[key] = self.kvl.stream(kind, cols)
+        return hit
+
     def _st_kt(self, i, ins):
         f, regs, kv = ins.f, self.regs, self.kvl
         if kv is None:
@@ -708,6 +738,7 @@ class Golden:
                               f"are not a layer's {'V' if kind else 'K'} cache")
         port = self.p.hbm_port_bits / 8
         fn = self.functional
+        lo, hi = kv.fmt_of(kind).qmin, kv.fmt_of(kind).qmax
 
         def h():
             rows = regs[rr] if rr else 1
@@ -721,13 +752,18 @@ class Golden:
                     raise GoldenError(f"instruction {i} (ST_KT): buffer {Buf(src).name} is {q.shape}, needs rows of "
                                       f"{nkv} x {hd} int8 values")
                 vals = q[:, :nkv * hd].reshape(rows, nkv, hd)
-                beats = kv.write(self.channels, layer, kind, pos0, vals)
+                if vals.size and (vals.min() < lo or vals.max() > hi):
+                    raise GoldenError(f"instruction {i} (ST_KT): a value of buffer {Buf(src).name} lies outside "
+                                      f"[{lo}, {hi}] of {kv.fmt_of(kind).name}")
+                self._kv_pending.append((layer, kind, pos0, vals.copy()))
                 for g, off in enumerate(offs):
                     m = self.kvm.get(off)
                     if m is not None:
                         m[pos0:pos0 + rows] = vals[:, g]
-            else:
-                beats = kv.write_beats(kind, pos0, rows)
+            bk = (kind, pos0, rows)
+            beats = self._kv_beats.get(bk)
+            if beats is None:
+                beats = self._kv_beats[bk] = kv.write_beats(kind, pos0, rows)
             self._stats.kv_bytes += rows * nkv * hd * kv.fmt_of(kind).bits // 8
             return 0, beats * port / self.ch_bpc
         return h, (src,), tuple(("KVT", o) for o in offs)
@@ -793,8 +829,8 @@ class Golden:
                         hh = gg * rep
                         vcol = np.zeros(n32, F32)
                         vcol[:n] = vs[:n, gg]
-                        q, sc, u = sfu.softmax_probs(S[:, hh:hh + rep, :n32], mask, vcol, c, lanes,
-                                                     p.sfu_acc_slots)
+                        q, sc, u = native.softmax_probs(S[:, hh:hh + rep, :n32], mask, vcol, c, lanes,
+                                                        p.sfu_acc_slots)
                         P[0][:rows, hh:hh + rep, :n32] = q
                         P[1][:rows, hh:hh + rep] = sc
                         P[2][:rows, hh:hh + rep, :n32 // KV_GROUP] = u
@@ -804,7 +840,7 @@ class Golden:
         if op == _QK:
             def h():
                 rows, valid, n, n32, mask = rows_and_mask()
-                recs, nbytes = kv.stream(_KIND_K, mask.any(axis=0))
+                recs, nbytes = self._stream(_KIND_K, mask.any(axis=0))
                 t2 = rows * rep
                 if fn:
                     q, qs, _ = self._i8(i, ins, src, rows)
@@ -823,7 +859,7 @@ class Golden:
         def h():                                                            # PV
             rows, valid, n, n32, mask = rows_and_mask()
             cols = mask.any(axis=0)
-            recs, nbytes = kv.stream(1, cols)
+            recs, nbytes = self._stream(1, cols)
             t2 = rows * rep
             if fn:
                 P = bufs.get(src)
@@ -882,7 +918,7 @@ class Golden:
                                           f"{w.fmt.group_size})")
                     if prep is None:
                         prep = cell[2] = self._prepared(w)
-                    acc = mpe_accumulate(prep, q, u, acc_bits)
+                    acc = mpe_acc(prep, q, u, acc_bits)
                     bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
@@ -991,7 +1027,7 @@ class Golden:
                 rows = regs[rr] if rr else 1
                 if fn:
                     x = self._f32(i, ins, src, rows, n)
-                    bufs[dst] = sfu.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes, slots)
+                    bufs[dst] = native.rmsnorm(x, self._table(i, ins, toff, n), eps, lanes, slots)
                 return self._sfu_cost(op, rows, 2 * rows * n / lanes, n)
             return h, (src, _TAB), (dst,)
         if op == _QUANT:
@@ -1005,7 +1041,7 @@ class Golden:
                         raise GoldenError(f"instruction {i} (QUANT): seg {seg} does not divide n {n}")
                     if not 0 <= qmax <= sfu.ACT_MAX:
                         raise GoldenError(f"instruction {i} (QUANT): largest level {qmax} outside 0..{sfu.ACT_MAX}")
-                    bufs[dst] = (*sfu.requantize(x, seg, qmax), None)
+                    bufs[dst] = (*native.requantize(x, seg, qmax), None)
                 return self._sfu_cost(op, rows, 2 * rows * n / lanes)
             return h, (src,), (dst,)
         if op == _QUANTG:
@@ -1017,7 +1053,7 @@ class Golden:
                     x = self._f32(i, ins, src, rows, n)
                     if not grp or n <= 0 or n % grp:
                         raise GoldenError(f"instruction {i} (QUANTG): group {grp} does not divide n {n} (n > 0)")
-                    q, a, u = sfu.requantize_groups(x, grp)
+                    q, a, u = native.requantize_groups(x, grp)
                     bufs[dst] = (q, a[:, None], u)
                 return self._sfu_cost(op, rows, 2 * rows * n / lanes)
             return h, (src,), (dst,)
@@ -1055,7 +1091,7 @@ class Golden:
                 return self._sfu_cost(op, rows, rows * n / lanes)
             return h, (src, _TAB), (dst,)
         if op == _ADD or op == _SILU_MUL:
-            kern = np.add if op == _ADD else sfu.silu_mul
+            kern = np.add if op == _ADD else native.silu_mul
 
             def h():
                 rows = regs[rr] if rr else 1
