@@ -844,12 +844,12 @@ class Golden:
                 t2 = rows * rep
                 if fn:
                     q, qs, _ = self._i8(i, ins, src, rows)
-                    K = self._kv_values(off, _KIND_K)[:n].astype(F32)             # (n, hd)
-                    qh = q.reshape(rows, -1, hd)[:, h0:h0 + rep].astype(F32)      # (T, rep, hd)
-                    acc = qh @ K.T                                                 # exact (< 2**24)
+                    if q.shape[1] < (h0 + rep) * hd or qs.shape[1] < h0 + rep:
+                        raise GoldenError(f"{what}: buffer {Buf(src).name} holds {q.shape[1]} values with "
+                                          f"{qs.shape[1]} scales per row, needs query heads {h0}..{h0 + rep - 1}")
                     ks = self._f32(i, ins, aux, n)[:n, g]
                     S = self._scores(dst, rows, self.plan["heads"])
-                    S[:, h0:h0 + rep, :n] = sfu.qk_scores(acc, qs[:, h0:h0 + rep], ks)
+                    native.qk_into(q, qs, h0, rep, hd, self._kv_values(off, _KIND_K), n, ks, S)
                 passes = -(-t2 // mm_tokens)
                 self._stats.kv_bytes += passes * nbytes * p.weight_channels
                 kept = recs // (hd // KV_GROUP) * R * hd                          # row tiles x chains x head_dim
@@ -865,19 +865,11 @@ class Golden:
                 P = bufs.get(src)
                 if not (isinstance(P, tuple) and P[0].ndim == 3 and P[0].shape[0] >= rows):
                     raise GoldenError(f"{what}: buffer {Buf(src).name} holds no probabilities (SOFTMAX first)")
-                pq = P[0][:rows, h0:h0 + rep, :n32].astype(F32).reshape(t2, n32 // KV_GROUP, KV_GROUP)
-                u = P[2][:rows, h0:h0 + rep, :n32 // KV_GROUP].astype(np.float64).reshape(t2, -1)
-                V = np.zeros((n32, hd), F32)
-                V[:n] = self._kv_values(off, 1)[:n]
-                Vg = V.reshape(n32 // KV_GROUP, KV_GROUP, hd)
-                ps = np.einsum("tgk,gkd->tgd", pq, Vg).astype(np.float64)        # exact group sums
-                acc = np.einsum("tgd,tg->td", ps, u)                              # exact (< 2**53)
-                out = sfu.mpe_to_float(acc, P[1][:rows, h0:h0 + rep].reshape(t2), 0)
                 A = bufs.get(dst)
                 H = self.plan["heads"]
                 if not (isinstance(A, np.ndarray) and A.shape == (rows, H * hd)):
                     A = bufs[dst] = np.zeros((rows, H * hd), F32)
-                A[:, h0 * hd:(h0 + rep) * hd] = out.reshape(rows, rep * hd)
+                native.pv_into(P[0][:rows], P[2][:rows], P[1][:rows], h0, rep, self._kv_values(off, 1), n, A)
             passes = -(-t2 // mm_tokens)
             self._stats.kv_bytes += passes * nbytes * p.weight_channels
             return (t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc,    # recs x (chains x 32) MACs

@@ -465,3 +465,54 @@ def requantize(x: np.ndarray, seg: int | None = None, qmax: float = 0.0):
     scale = np.empty((rows, n // seg), np.float32)
     _requantize_segs(x, seg, np.float32(qmax) if qmax else _F127, q, scale)
     return q, scale
+
+
+# -- attention on the matrix engine (QK, PV): exact integer sums, then sfu's float32 steps --
+@njit(nogil=True, cache=True)
+def _qk_into(q, qs, h0, rep, hd, K, n, ks, S):
+    T = q.shape[0]
+    for t in range(T):
+        for r in range(rep):
+            h = h0 + r
+            for p in range(n):
+                acc = 0
+                for d in range(hd):
+                    acc += np.int32(q[t, h * hd + d]) * np.int32(K[p, d])
+                S[t, h, p] = _f(_f(_f(acc) * qs[t, h]) * ks[p])
+
+
+def qk_into(q, qs, h0: int, rep: int, hd: int, K, n: int, ks, S) -> None:
+    """QK of query heads ``h0 .. h0+rep-1`` over positions ``0 .. n-1`` into the scores ``S``
+    (T, heads, cap): ``sfu.qk_scores`` of the exact int8 dot products ``q . K[p]``."""
+    _qk_into(q, qs, h0, rep, hd, K, n, ks, S)
+
+
+@njit(nogil=True, cache=True)
+def _pv_into(pq, u, sc, h0, rep, V, n, out):
+    T = pq.shape[0]
+    hd = V.shape[1]
+    ps = np.empty(hd, np.int64)
+    acc = np.empty(hd, np.int64)
+    for t in range(T):
+        for r in range(rep):
+            h = h0 + r
+            acc[:] = 0
+            for g in range((n + 31) // 32):
+                ps[:] = 0
+                for p in range(g * 32, min(g * 32 + 32, n)):
+                    w = np.int64(pq[t, h, p])
+                    if w != 0:
+                        for d in range(hd):
+                            ps[d] += w * V[p, d]
+                ug = np.int64(u[t, h, g])
+                for d in range(hd):
+                    acc[d] += ug * ps[d]
+            for d in range(hd):
+                out[t, h * hd + d] = _f(_f(acc[d]) * sc[t, h])
+
+
+def pv_into(pq, u, sc, h0: int, rep: int, V, n: int, out) -> None:
+    """PV of query heads ``h0 .. h0+rep-1`` over positions ``0 .. n-1`` into ``out``
+    (T, heads * head_dim): ``acc = sum_g u[g] * sum_{p in g} q[p] * V[p]`` (exact), then
+    ``sfu.mpe_to_float(acc, scale, 0)``."""
+    _pv_into(pq, u, sc, h0, rep, V, n, out)

@@ -168,3 +168,35 @@ def test_rmsnorm_silu_requantize(quiet):
             for qmax in (0.0, 7.0):
                 for a, b in zip(native.requantize(x, seg, qmax), sfu.requantize(x, seg, qmax)):
                     assert _same(a, b)
+
+
+def test_attention_kernels_equal_the_spec():
+    """QK and PV: exact integer sums, then sfu.qk_scores / sfu.mpe_to_float; stale cache
+    rows past the attended length must not count."""
+    rng = np.random.default_rng(7)
+    T, H, hd, cap, n, h0, rep = 3, 6, 64, 96, 70, 2, 3
+    q = rng.integers(-127, 128, (T, H * hd)).astype(np.int8)
+    qs = rng.random((T, H)).astype(np.float32)
+    K = rng.integers(-127, 128, (cap, hd)).astype(np.int8)            # rows >= n: stale data
+    ks = rng.random(n).astype(np.float32) * 1e-3
+    S = np.full((T, H, cap), 7.0, np.float32)
+    native.qk_into(q, qs, h0, rep, hd, K, n, ks, S)
+    acc = q.reshape(T, H, hd)[:, h0:h0 + rep].astype(np.int64) @ K[:n].astype(np.int64).T
+    assert _same(S[:, h0:h0 + rep, :n], sfu.qk_scores(acc, qs[:, h0:h0 + rep], ks))
+    assert (S[:, :h0] == 7.0).all() and (S[:, h0:h0 + rep, n:] == 7.0).all()
+
+    pq = rng.integers(-127, 128, (T, H, cap)).astype(np.int8)
+    u = rng.integers(0, 256, (T, H, cap // 32)).astype(np.uint8)
+    sc = rng.random((T, H)).astype(np.float32)
+    V = rng.integers(-127, 128, (cap, hd)).astype(np.int8)
+    out = np.full((T, H * hd), 7.0, np.float32)
+    native.pv_into(pq, u, sc, h0, rep, V, n, out)
+    n32 = -(-n // 32) * 32
+    Vz = np.zeros((n32, hd), np.int64)
+    Vz[:n] = V[:n]
+    ps = np.einsum("thgk,gkd->thgd", pq[:, h0:h0 + rep, :n32].astype(np.int64).reshape(T, rep, n32 // 32, 32),
+                   Vz.reshape(n32 // 32, 32, hd))
+    acc = np.einsum("thgd,thg->thd", ps, u[:, h0:h0 + rep, :n32 // 32].astype(np.int64))
+    want = sfu.mpe_to_float(acc.reshape(T * rep, hd), sc[:, h0:h0 + rep].reshape(-1), 0).reshape(T, rep * hd)
+    assert _same(out[:, h0 * hd:(h0 + rep) * hd], want)
+    assert (out[:, :h0 * hd] == 7.0).all()
