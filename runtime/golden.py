@@ -20,7 +20,7 @@ Arithmetic
 ----------
 MPE: exactly :mod:`flightllm.runtime.arith` (INT8 activations with group factors x
 INT8-widened weights, exact group sums x fixed-point scales and mins, wrapping int64),
-evaluated in integers on weights kept packed by :func:`~flightllm.runtime.native.mpe_acc`
+evaluated in integers on weights kept packed by :func:`~flightllm.runtime.native.mpe_float`
 (numba; :func:`~flightllm.runtime.arith.mpe_reference` is the oracle). Everything else is the
 float32 SFU of :mod:`flightllm.runtime.sfu` (the spec of each operation is there).
 
@@ -53,7 +53,7 @@ every instruction becomes a bound handler with its fields resolved to plain ints
 its token FIFOs and hazard resources precomputed, so issuing costs a few Python
 operations plus the numpy work; registers are read at issue time only where a field
 names one. Weights are unpacked once per offset (and cached on disk when a cache
-directory is given) and packed once for :func:`~flightllm.runtime.native.mpe_acc`.
+directory is given) and packed once for :func:`~flightllm.runtime.native.mpe_float`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
 from . import native
-from .native import mpe_acc, pack_mpe
+from .native import mpe_float, pack_mpe
 from .timing import Timing, act_cycles, tables_cycles, timing_for
 
 __all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads", "walk",
@@ -910,8 +910,7 @@ class Golden:
                                           f"{w.fmt.group_size})")
                     if prep is None:
                         prep = cell[2] = self._prepared(w)
-                    acc = mpe_acc(prep, q, u, acc_bits)
-                    bufs[dst] = sfu.mpe_to_float(acc.reshape(rows, n), s[:, 0], w.shift)
+                    bufs[dst] = mpe_float(prep, q, u, s[:, 0], w.shift, acc_bits)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
                 return (rows * kept / macs, passes * align(w.region) / ch_bpc,

@@ -38,10 +38,11 @@ from numba import njit
 
 from ..hw.params import ACT_MAX, FACTOR_MAX
 from .arith import wrap_signed
+from .sfu import mpe_scale, mpe_to_float
 from .sfu import (EXP_A_FRAC, EXP_BIG_E, EXP_H_SHIFT, EXP_J_BITS, EXP_LN2, EXP_LOG2E, EXP_LOG2E_FRAC, EXP_R_BITS,
                   EXP_T_FRAC, EXP_T_SHIFT, EXP_TABLE, EXP_TABLE_FRAC)
 
-__all__ = ["PackedMpe", "pack_mpe", "mpe_acc", "threads", "requantize_groups", "requantize", "softmax_probs",
+__all__ = ["PackedMpe", "pack_mpe", "mpe_acc", "mpe_float", "threads", "requantize_groups", "requantize", "softmax_probs",
            "lane_sum", "exp", "rmsnorm", "silu_mul"]
 
 #: output rows per block: a block's int32 sums and int64 accumulators stay in L1
@@ -150,12 +151,13 @@ def _finish(acc, ps, xs_g, u_g, qx, Sg, Mg, has_m):
 
 
 @njit(nogil=True, cache=True)
-def _acc(w, S, M, has_m, nibbles, qmin, x, u, xs, out, b_lo, b_hi):
-    """Accumulators of output blocks ``b_lo .. b_hi - 1`` into ``out`` (T, N)."""
+def _acc(w, S, M, has_m, nibbles, qmin, x, u, xs, out, to_float, scale, out_f, b_lo, b_hi):
+    """Accumulators of output blocks ``b_lo .. b_hi - 1`` into ``out`` (T, N) int64, or with
+    ``to_float`` as ``float32(acc) * scale[t]`` into ``out_f`` (``sfu.mpe_to_float``)."""
     _, ng, R, B = w.shape                   # R: G/2 bytes of nibble pairs, or G bytes
     G = 2 * R if nibbles else R
     T = x.shape[0]
-    N = out.shape[1]
+    N = out_f.shape[1] if to_float else out.shape[1]
     p32 = np.empty(B, np.int32)
     acc = np.empty(B, np.int64)
     for b in range(b_lo, b_hi):
@@ -177,13 +179,36 @@ def _acc(w, S, M, has_m, nibbles, qmin, x, u, xs, out, b_lo, b_hi):
                             p32[i] += np.int32(row[i]) * xa
                 _finish(acc, p32, xs[t, g], np.int64(u[t, g]), qmin * xs[t, g], Sb[g], Mb[g], has_m)
             n0 = b * B
-            for i in range(min(B, N - n0)):
-                out[t, n0 + i] = acc[i]
+            if to_float:
+                st = scale[t]
+                for i in range(min(B, N - n0)):
+                    out_f[t, n0 + i] = np.float32(np.float32(acc[i]) * st)
+            else:
+                for i in range(min(B, N - n0)):
+                    out[t, n0 + i] = acc[i]
 
 
 def mpe_acc(pw: PackedMpe, x: np.ndarray, u: np.ndarray, acc_bits: int = 64) -> np.ndarray:
     """The wrapped ``acc_bits`` accumulators int64 (T, N) of ``x`` int8 (T, K) in
     [-127, 127] with group factors ``u`` (T, K//G)."""
+    out = _run(pw, x, u, None)
+    return out if acc_bits == 64 else wrap_signed(out, acc_bits)
+
+
+def mpe_float(pw: PackedMpe, x: np.ndarray, u: np.ndarray, x_scale: np.ndarray, shift: int,
+              acc_bits: int = 64) -> np.ndarray:
+    """The MPE's float32 output (T, N): :func:`flightllm.runtime.sfu.mpe_to_float` of
+    :func:`mpe_acc` with the activations' scales ``x_scale`` (T,), fused into the kernel."""
+    if acc_bits != 64:
+        return mpe_to_float(mpe_acc(pw, x, u, acc_bits), x_scale, shift)
+    return _run(pw, x, u, mpe_scale(x_scale, shift))
+
+
+_NO_INT = np.zeros((1, 1), np.int64)          # the output array a call does not write
+_NO_FLOAT = np.zeros((1, 1), np.float32)
+
+
+def _run(pw: PackedMpe, x, u, scale):
     x = np.ascontiguousarray(x, np.int8)
     u = np.ascontiguousarray(u, np.int64)
     t = x.shape[0]
@@ -191,17 +216,23 @@ def mpe_acc(pw: PackedMpe, x: np.ndarray, u: np.ndarray, acc_bits: int = 64) -> 
         raise ValueError(f"activations {x.shape} / factors {u.shape} do not fit weights {pw.n}x{pw.k} "
                          f"in groups of {pw.g}")
     xs = _xsums(x, pw.ng, pw.g)
-    out = np.empty((t, pw.n), np.int64)
-    lead = (pw.w, pw.S, pw.S if pw.M is None else pw.M, pw.M is not None, pw.nibbles, np.int64(pw.qmin))
+    to_float = scale is not None
+    out = np.empty((t, pw.n), np.float32 if to_float else np.int64)
+    args = (pw.w, pw.S, pw.S if pw.M is None else pw.M, pw.M is not None, pw.nibbles, np.int64(pw.qmin),
+            x, u, xs, _NO_INT if to_float else out, to_float,
+            np.ascontiguousarray(scale, np.float32) if to_float else _NO_FLOAT[0], out if to_float else _NO_FLOAT)
     nb = pw.w.shape[0]
     nt = min(threads(), nb)
     if nt > 1 and pw.n * pw.k * t >= _SPLIT_MACS:
+        # the first share on this thread, the others on the pool (their kernels release the GIL)
         cuts = [nb * i // nt for i in range(nt + 1)]
-        for f in [_executor().submit(_acc, *lead, x, u, xs, out, lo, hi) for lo, hi in zip(cuts, cuts[1:])]:
+        futs = [_executor().submit(_acc, *args, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+        _acc(*args, 0, cuts[1])
+        for f in futs:
             f.result()
     else:
-        _acc(*lead, x, u, xs, out, 0, nb)
-    return out if acc_bits == 64 else wrap_signed(out, acc_bits)
+        _acc(*args, 0, nb)
+    return out
 
 
 # -- SFU: fused row kernels ------------------------------------------------------------

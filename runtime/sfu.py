@@ -98,7 +98,7 @@ import numpy as np
 from ..compiler.reference import apply_rope
 from ..hw.params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["F32", "lane_sum", "to_int", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
+__all__ = ["F32", "lane_sum", "to_int", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_scale", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
            "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
            "argmax", "dequantize"]
 
@@ -203,10 +203,15 @@ def requantize_groups(x: np.ndarray, g: int):
     return to_int(t, np.int8).reshape(rows, n), (amax / _QU).astype(F32), to_int(u, np.uint8)
 
 
+def mpe_scale(x_scale: np.ndarray, shift: int) -> np.ndarray:
+    """The float32 factor of every output of a row: ``float32(ldexp(A, -shift))``."""
+    return np.ldexp(np.asarray(x_scale, dtype=F32), -shift).astype(F32)
+
+
 def mpe_to_float(acc: np.ndarray, x_scale: np.ndarray, shift: int) -> np.ndarray:
     """Accumulators (T, N) (int64, or float64 holding exact integers) and per-row activation
     scales (T,) -> float32: ``acc`` rounded once to float32, times ``float32(ldexp(A, -shift))``."""
-    s = np.ldexp(np.asarray(x_scale, dtype=F32), -shift).astype(F32)
+    s = mpe_scale(x_scale, shift)
     a = np.asarray(acc)
     a = a.astype(F32) if a.dtype == np.int64 else a.astype(np.float64).astype(F32)
     return a * s[..., None]

@@ -10,7 +10,7 @@ from flightllm.hw.formats import SCALE_FIXED_BITS, WeightFormat
 from flightllm.hw.params import DEFAULT_FORMATS, DEFAULT_KV_FORMATS
 from flightllm.runtime import native, sfu
 from flightllm.runtime.arith import mpe_reference
-from flightllm.runtime.native import mpe_acc, pack_mpe
+from flightllm.runtime.native import mpe_acc, mpe_float, pack_mpe
 
 SMAX = (1 << (SCALE_FIXED_BITS - 1)) - 1
 
@@ -44,8 +44,11 @@ def test_kernel_equals_oracle(name, extreme):
         x = np.full((t, k), -127) if extreme else rng.integers(-127, 128, (t, k))
         u = np.full((t, k // fmt.group_size), 255) if extreme else rng.integers(0, 256, (t, k // fmt.group_size))
         got = mpe_acc(w, x, u)
+        ref = mpe_reference(q, S, M, x, u, fmt.group_size)
         assert got.dtype == np.int64 and got.shape == (t, n)
-        assert np.array_equal(got, mpe_reference(q, S, M, x, u, fmt.group_size))
+        assert np.array_equal(got, ref)
+        a = rng.random(t).astype(np.float32) * 1e-3                     # the float32 output, fused
+        assert _same(mpe_float(w, x, u, a, 7), sfu.mpe_to_float(ref, a, 7))
 
 
 def test_threads_split_the_rows_exactly(monkeypatch):
@@ -56,7 +59,10 @@ def test_threads_split_the_rows_exactly(monkeypatch):
     fmt = WeightFormat.parse("int4m/32")
     q, S, M = _tensor(rng, fmt, 1000, 64, False)
     x, u = rng.integers(-127, 128, (2, 64)), rng.integers(0, 256, (2, 2))
-    assert np.array_equal(mpe_acc(pack_mpe(q, S, M, 32), x, u), mpe_reference(q, S, M, x, u, 32))
+    w, ref = pack_mpe(q, S, M, 32), mpe_reference(q, S, M, x, u, 32)
+    assert np.array_equal(mpe_acc(w, x, u), ref)
+    a = np.array([0.5, 3e-5], np.float32)
+    assert _same(mpe_float(w, x, u, a, 3), sfu.mpe_to_float(ref, a, 3))
 
 
 def test_narrow_register_wraps():
@@ -68,6 +74,7 @@ def test_narrow_register_wraps():
         ref = mpe_reference(q, S, None, x, u, g, bits)
         assert abs(int(ref[0, 0])) < 1 << (bits - 1)
         assert np.array_equal(mpe_acc(w, x, u, bits), ref)
+        assert _same(mpe_float(w, x, u, np.ones(1, np.float32), 0, bits), sfu.mpe_to_float(ref, np.ones(1), 0))
 
 
 def test_bad_shapes_are_named(monkeypatch):
