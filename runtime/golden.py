@@ -365,6 +365,7 @@ class Golden:
         self._kv_pending = []                # ST_KT row writes not yet packed into the images
         self._kv_beats = {}                  # (kind, pos0, rows) -> beats: the same in every layer
         self._streams = {}                   # see _stream
+        self._masks = {}                     # attention masks: see _attention's rows_and_mask
         if functional:
             # weight HBM: the images, then the KV cache's values (written by ST_KT)
             base = self.kvl.base if self.kvl else max((len(c) for c in channels), default=0)
@@ -798,15 +799,27 @@ class Golden:
                 raise GoldenError(f"{what}: kv_off {off} is not kv head {g}'s {'K' if kind == _KIND_K else 'V'} "
                                   "cache region")
 
+        masks = self._masks
+
         def rows_and_mask():
+            """(rows, n, n32, mask, attended columns, _attended of them), memoized: every
+            layer's attention of a step attends the same positions."""
             rows = regs[rr] if rr else 1
-            valid = regs[len_reg] + len_add + np.arange(rows)
-            n = int(valid[-1]) if rows else 0
-            if rows <= 0 or valid[0] < 1 or n > cap:
+            v0 = regs[len_reg] + len_add
+            key = (rows, v0, sink, window)
+            hit = masks.get(key)
+            if hit is not None:
+                return hit
+            n = v0 + rows - 1 if rows > 0 else 0
+            if rows <= 0 or v0 < 1 or n > cap:
                 raise GoldenError(f"{what}: rows {rows} attending up to {n} positions: outside 1..{cap}")
             n32 = -(-n // KV_GROUP) * KV_GROUP
-            mask = sfu.attention_mask(valid, n32, sink, window)
-            return rows, valid, n, n32, mask
+            mask = sfu.attention_mask(v0 + np.arange(rows), n32, sink, window)
+            cols = mask.any(axis=0)
+            if len(masks) > 1024:
+                masks.clear()
+            hit = masks[key] = (rows, n, n32, mask, cols, _attended(cols))
+            return hit
 
         if op == _SOFTMAX:
             c = f.get("scale", 0.0)
@@ -815,8 +828,7 @@ class Golden:
                 raise GoldenError(f"{what}: kv heads {g}..{g + kvn - 1} beyond the cache's {kv.kv_heads}")
 
             def h():
-                rows, valid, n, n32, mask = rows_and_mask()
-                used = _attended(mask.any(axis=0))
+                rows, n, n32, mask, _, used = rows_and_mask()
                 if fn:
                     S = self._scores(src, rows, self.plan["heads"], create=False, i=i, ins=ins)
                     vs = self._f32(i, ins, aux, n)
@@ -825,22 +837,19 @@ class Golden:
                     if not (isinstance(P, tuple) and len(P) == 3 and P[0].ndim == 3 and P[0].shape[0] >= rows):
                         P = bufs[dst] = (np.zeros((rows, H, cap), np.int8), np.zeros((rows, H), F32),
                                          np.zeros((rows, H, cap // KV_GROUP), np.uint8))
-                    for gg in range(g, g + kvn):           # each kv head's query heads by its value scales
-                        hh = gg * rep
-                        vcol = np.zeros(n32, F32)
-                        vcol[:n] = vs[:n, gg]
-                        q, sc, u = native.softmax_probs(S[:, hh:hh + rep, :n32], mask, vcol, c, lanes,
-                                                        p.sfu_acc_slots)
-                        P[0][:rows, hh:hh + rep, :n32] = q
-                        P[1][:rows, hh:hh + rep] = sc
-                        P[2][:rows, hh:hh + rep, :n32 // KV_GROUP] = u
+                    if vs.shape[1] < g + kvn:
+                        raise GoldenError(f"{what}: buffer {Buf(aux).name} holds {vs.shape[1]} value scales per "
+                                          f"position, needs kv heads {g}..{g + kvn - 1}")
+                    # each kv head's query heads by its value scales
+                    native.softmax_into(S, mask, vs, g, kvn, rep, n, c, lanes, p.sfu_acc_slots,
+                                        P[0][:rows], P[1][:rows], P[2][:rows])
                 return self._sfu_cost(op, rows * rep * kvn, 3 * rows * rep * kvn * used / lanes, n32)
             return h, tuple((src, gg) for gg in range(g, g + kvn)) + (aux,), tuple((dst, gg) for gg in range(g, g + kvn))
 
         if op == _QK:
             def h():
-                rows, valid, n, n32, mask = rows_and_mask()
-                recs, nbytes = self._stream(_KIND_K, mask.any(axis=0))
+                rows, n, n32, mask, cols, _ = rows_and_mask()
+                recs, nbytes = self._stream(_KIND_K, cols)
                 t2 = rows * rep
                 if fn:
                     q, qs, _ = self._i8(i, ins, src, rows)
@@ -857,8 +866,7 @@ class Golden:
             return h, (src, aux), ((dst, g),), (("KVT", off),)
 
         def h():                                                            # PV
-            rows, valid, n, n32, mask = rows_and_mask()
-            cols = mask.any(axis=0)
+            rows, n, n32, mask, cols, used = rows_and_mask()
             recs, nbytes = self._stream(1, cols)
             t2 = rows * rep
             if fn:
@@ -873,7 +881,7 @@ class Golden:
             passes = -(-t2 // mm_tokens)
             self._stats.kv_bytes += passes * nbytes * p.weight_channels
             return (t2 * recs * R * KV_GROUP / macs, passes * nbytes / self.ch_bpc,    # recs x (chains x 32) MACs
-                    act_cycles(p, min(t2, mm_tokens), _attended(cols), KV_GROUP), passes)
+                    act_cycles(p, min(t2, mm_tokens), used, KV_GROUP), passes)
         return h, ((src, g),), ((dst, g),), (("KVT", off),)
 
     # -- operations: a handler () -> cycles per instruction, with its reads and writes --

@@ -42,7 +42,7 @@ from .sfu import mpe_scale, mpe_to_float
 from .sfu import (EXP_A_FRAC, EXP_BIG_E, EXP_H_SHIFT, EXP_J_BITS, EXP_LN2, EXP_LOG2E, EXP_LOG2E_FRAC, EXP_R_BITS,
                   EXP_T_FRAC, EXP_T_SHIFT, EXP_TABLE, EXP_TABLE_FRAC)
 
-__all__ = ["PackedMpe", "pack_mpe", "mpe_acc", "mpe_float", "threads", "requantize_groups", "requantize", "softmax_probs",
+__all__ = ["PackedMpe", "pack_mpe", "mpe_acc", "mpe_float", "threads", "requantize_groups", "requantize", "softmax_probs", "softmax_into",
            "lane_sum", "exp", "rmsnorm", "silu_mul"]
 
 #: output rows per block: a block's int32 sums and int64 accumulators stay in L1
@@ -374,30 +374,42 @@ def requantize_groups(x: np.ndarray, g: int):
 
 
 @njit(nogil=True, cache=True)
-def _softmax_rows(s, mask, vs, c, lanes, slots, width, q, scale, u):
-    T, rep, n = s.shape
-    e = np.empty(n, np.float32)
-    z = np.empty(n, np.float32)
-    w = np.empty(n, np.float32)
-    for t in range(T):
-        for r in range(rep):
-            row = s[t, r]
-            m = -np.inf
-            m = _f(m)
-            for p in range(n):
-                if mask[t, p]:
-                    m = _nanmax(m, row[p])
-            for p in range(n):
-                z[p] = _f(_f(row[p] - m) * c) if mask[t, p] else _F0
-            _exp_into(z, e)
-            for p in range(n):
-                if not mask[t, p]:
-                    e[p] = _F0
-            d = _lane_sum(e, n, lanes, slots, width)
-            for p in range(n):
-                w[p] = _f(e[p] * vs[p])
-            a = _requantize_row(w, 32, q[t, r], u[t, r])
-            scale[t, r] = _f(a / d)
+def _softmax_into(S, mask, vs, g0, kvn, rep, n, n32, c, lanes, slots, width, q, scale, u):
+    """SOFTMAX of the query heads of kv heads ``g0 .. g0+kvn-1`` over positions
+    ``0 .. n32-1`` into ``q``, ``scale``, ``u``; kv head ``gg``'s value scales are
+    ``vs[:n, gg]`` (0 from ``n`` on)."""
+    e = np.empty(n32, np.float32)
+    z = np.empty(n32, np.float32)
+    w = np.empty(n32, np.float32)
+    for t in range(mask.shape[0]):
+        for gg in range(g0, g0 + kvn):
+            for r in range(rep):
+                h = gg * rep + r
+                row = S[t, h]
+                m = _f(-np.inf)
+                for p in range(n32):
+                    if mask[t, p]:
+                        m = _nanmax(m, row[p])
+                for p in range(n32):
+                    z[p] = _f(_f(row[p] - m) * c) if mask[t, p] else _F0
+                _exp_into(z, e)
+                for p in range(n32):
+                    if not mask[t, p]:
+                        e[p] = _F0
+                d = _lane_sum(e, n32, lanes, slots, width)
+                for p in range(n32):
+                    w[p] = _f(e[p] * (vs[p, gg] if p < n else _F0))
+                a = _requantize_row(w, 32, q[t, h, :n32], u[t, h, :n32 // 32])
+                scale[t, h] = _f(a / d)
+
+
+def softmax_into(S, mask, vs, g0: int, kvn: int, rep: int, n: int, c: float, lanes: int, slots: int,
+                 q, scale, u) -> None:
+    """:func:`flightllm.runtime.sfu.softmax_probs` of every query head of kv heads
+    ``g0 .. g0+kvn-1`` (scores ``S`` (T, heads, >= n32), ``mask`` (T, n32), value scales
+    ``vs`` (>= n, kv heads)), written into the probability buffer ``q``, ``scale``, ``u``."""
+    _softmax_into(S, np.ascontiguousarray(mask, np.bool_), vs, g0, kvn, rep, n, mask.shape[1], np.float32(c),
+                  lanes, slots, 1 << max(0, (lanes - 1).bit_length()), q, scale, u)
 
 
 def softmax_probs(s: np.ndarray, mask: np.ndarray, vs: np.ndarray, c: float, lanes: int, slots: int = 1):
@@ -408,8 +420,8 @@ def softmax_probs(s: np.ndarray, mask: np.ndarray, vs: np.ndarray, c: float, lan
     q = np.empty((t, rep, n), np.int8)
     scale = np.empty((t, rep), np.float32)
     u = np.empty((t, rep, n // 32), np.uint8)
-    _softmax_rows(s, np.ascontiguousarray(mask, np.bool_), np.ascontiguousarray(vs, np.float32), np.float32(c),
-                  lanes, slots, 1 << max(0, (lanes - 1).bit_length()), q, scale, u)
+    softmax_into(s, mask, np.ascontiguousarray(vs, np.float32).reshape(n, 1), 0, 1, rep, n, c, lanes, slots,
+                 q, scale, u)
     return q, scale, u
 
 
