@@ -10,13 +10,14 @@ OUT    ?= out
 PRESET ?= native
 HW     ?= u280
 
-.PHONY: all demo test test-all bench bench-quality verilog lint bitstream synth-ooc clean distclean help
+.PHONY: all demo test test-all bench bench-speed bench-quality verilog lint bitstream synth-ooc clean distclean help
 
 help:
 	@echo "make demo           build the Verilog, compile SmolLM2 ($(PRESET) on $(HW)) and generate text"
 	@echo "make test           run the test suite (what CI runs)"
 	@echo "make test-all       also the heavy RTL sweeps (slow_rtl)"
 	@echo "make bench          quality, performance model, speed, instruction and RTL benches -> docs/ (hours)"
+	@echo "make bench-speed    SmolLM2 decode/prefill: golden vs reference, transformers, llama.cpp -> docs/speed.*"
 	@echo "make verilog        Verilog + params.json for HW=$(HW) into $(OUT)/hw-$(HW)"
 	@echo "make bitstream      $(OUT)/bitstream-$(HW)/flightllm.xclbin for the U280 (Vivado + v++ on PATH; else writes the scripts, exit 2)"
 	@echo "make synth-ooc      out-of-context Vivado synth + place + route of the kernel (HW=$(HW)) on the U280 part"
@@ -54,6 +55,11 @@ bench: bench-quality
 	$(PY) bench/speed.py
 	$(PY) bench/rtl_efficiency.py
 	$(PY) bench/resources.py
+
+# the SmolLM2 speed comparison with its peers: torch, transformers, gguf and llama-cpp-python
+# installed (once) into the bench's own environment, not .venv (bench/speed.py --help)
+bench-speed: $(BENCH_STAMP)
+	$(PY) bench/speed.py --peers
 
 bench-quality: $(BENCH_STAMP)
 	$(PY) bench/quality.py
