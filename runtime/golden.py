@@ -104,9 +104,10 @@ class DeadlockError(GoldenError):
 def set_blas_threads(n: int) -> bool:
     """Limit the OpenBLAS threads numpy uses (no threadpoolctl dependency; best effort).
 
-    The golden model's GEMVs are memory bound and its other numpy work is small:
-    extra BLAS threads do not help and spin badly on a shared machine, so the golden
-    device runs single-threaded unless ``FLIGHTLLM_BLAS_THREADS`` says otherwise.
+    The golden model's matrix products run in its own native kernels (threads:
+    ``FLIGHTLLM_THREADS``, :mod:`flightllm.runtime.native`) and its numpy work is small:
+    BLAS threads would only spin on a shared machine, so the golden device keeps numpy
+    single-threaded unless ``FLIGHTLLM_BLAS_THREADS`` says otherwise.
     """
     import ctypes
 
