@@ -16,14 +16,17 @@ output rows (one SIMD lane per row, the activation broadcast):
 
 * up to 4 bits: ``w`` uint8 ``(K/G, G/2, N)``; byte ``[g, j, n]`` holds element ``j`` of
   group ``g`` of row ``n`` in its low nibble and element ``j + G/2`` in its high nibble,
-  both as ``q - qmin`` (0..15); the sum adds ``qmin * xsum[g]`` back.
+  both as ``q - qmin`` (0..15); the min term carries ``qmin * S`` (below).
 * 5 to 8 bits: ``w`` int8 ``(K/G, G, N)``, the values themselves.
 * ``S``, ``M`` int32 ``(K/G, N)``: the fixed-point scale and min (27 bits signed,
-  :data:`flightllm.hw.formats.SCALE_FIXED_BITS`); no min: ``M`` is None.
+  :data:`flightllm.hw.formats.SCALE_FIXED_BITS`), the min plus ``qmin * S`` for nibbles
+  stored as ``q - qmin``; no min and no offset: ``M`` is None.
 
 Per token ``t``, row ``n``: ``psum`` in int32 (at most ``G * 255 * 127``), then
-``acc += u[g] * (psum * S + xsum[g] * M)`` in int64, which wraps at 64 bits exactly as
-the ``acc_bits = 64`` register does (narrower registers: :func:`~flightllm.runtime.arith.wrap_signed`
+``acc += (u[g] psum) S + (u[g] xsum[g]) M`` in int64 (``u psum`` in int32 while it fits: one
+32 x 32 -> 64-bit multiply per term), which wraps at 64 bits exactly as the
+``acc_bits = 64`` register does: every step is a ring operation mod 2**64, so the
+reordering changes nothing (narrower registers: :func:`~flightllm.runtime.arith.wrap_signed`
 afterwards).
 """
 
@@ -104,7 +107,7 @@ def _executor() -> ThreadPoolExecutor:
 class PackedMpe:
     """One weight tensor laid out for :func:`mpe_acc` (module docstring)."""
 
-    __slots__ = ("n", "k", "g", "ng", "nibbles", "qmin", "w", "S", "M")
+    __slots__ = ("n", "k", "g", "ng", "nibbles", "narrow", "w", "S", "M")
 
     def __init__(self, q: np.ndarray, S: np.ndarray, M: np.ndarray | None, group_size: int):
         q = np.asarray(q)
@@ -125,7 +128,17 @@ class PackedMpe:
         self.n, self.k, self.g, self.ng = n, k, g, ng
         qmin = int(q.min(initial=0))
         self.nibbles = bool(q.size) and int(q.max()) - qmin <= 15
-        self.qmin = qmin if self.nibbles else 0
+        if not self.nibbles:
+            qmin = 0
+        # stored values q - qmin: sum(q x) = sum((q - qmin) x) + qmin xsum, so the min term
+        # takes qmin S in: psum S + xsum M  =  stored psum S + xsum (M + qmin S)
+        S = np.asarray(S, np.int64)
+        M = None if M is None and not qmin else (0 if M is None else np.asarray(M, np.int64)) + qmin * S
+        if M is not None and M.size and (M.min() < -(1 << 31) or M.max() >= 1 << 31):
+            raise ValueError("a fixed-point min (with the values' offset) does not fit 32 bits")
+        # u psum and u xsum in int32 (then one 32 x 32 -> 64-bit product each) while they fit
+        wmax = 15 if self.nibbles else int(np.abs(q).max(initial=0))
+        self.narrow = g * max(wmax, 1) * ACT_MAX * FACTOR_MAX < 1 << 31
         nb = -(-n // _BLOCK)
         pad = nb * _BLOCK - n                       # padding rows: zero weights, outputs dropped
 
@@ -139,8 +152,8 @@ class PackedMpe:
             self.w = blocked(v[..., :g // 2] | (v[..., g // 2:] << 4), np.uint8)
         else:
             self.w = blocked(qg, np.int8)
-        self.S = blocked(np.asarray(S, np.int64)[..., None], np.int32)[:, :, 0]
-        self.M = None if M is None else blocked(np.asarray(M, np.int64)[..., None], np.int32)[:, :, 0]
+        self.S = blocked(S[..., None], np.int32)[:, :, 0]
+        self.M = None if M is None else blocked(M[..., None], np.int32)[:, :, 0]
 
     @property
     def nbytes(self) -> int:
@@ -166,17 +179,28 @@ def _xsums(x, ng, G):
 
 
 @njit(nogil=True, cache=True)
-def _finish(acc, ps, xs_g, u_g, qx, Sg, Mg, has_m):
-    if has_m:
+def _finish(acc, ps, xs_g, u_g, Sg, Mg, has_m, narrow):
+    """``acc += u (psum S + xsum M)`` over a block's rows; ``narrow``: ``u psum`` and
+    ``u xsum`` fit int32, so each product is one 32 x 32 -> 64-bit multiply."""
+    if narrow:
+        u32 = np.int32(u_g)
+        uxs = np.int64(np.int32(u32 * np.int32(xs_g)))
+        if has_m:
+            for i in range(acc.size):
+                acc[i] += np.int64(np.int32(u32 * ps[i])) * np.int64(Sg[i]) + uxs * np.int64(Mg[i])
+        else:
+            for i in range(acc.size):
+                acc[i] += np.int64(np.int32(u32 * ps[i])) * np.int64(Sg[i])
+    elif has_m:
         for i in range(acc.size):
-            acc[i] += u_g * ((ps[i] + qx) * np.int64(Sg[i]) + xs_g * np.int64(Mg[i]))
+            acc[i] += u_g * (np.int64(ps[i]) * np.int64(Sg[i]) + xs_g * np.int64(Mg[i]))
     else:
         for i in range(acc.size):
-            acc[i] += u_g * ((ps[i] + qx) * np.int64(Sg[i]))
+            acc[i] += u_g * (np.int64(ps[i]) * np.int64(Sg[i]))
 
 
 @njit(nogil=True, cache=True)
-def _acc(w, S, M, has_m, nibbles, qmin, x, u, xs, out, to_float, scale, out_f, b_lo, b_hi):
+def _acc(w, S, M, has_m, nibbles, narrow, x, u, xs, out, to_float, scale, out_f, b_lo, b_hi):
     """Accumulators of output blocks ``b_lo .. b_hi - 1`` into ``out`` (T, N) int64, or with
     ``to_float`` as ``float32(acc) * scale[t]`` into ``out_f`` (``sfu.mpe_to_float``)."""
     _, ng, R, B = w.shape                   # R: G/2 bytes of nibble pairs, or G bytes
@@ -202,7 +226,7 @@ def _acc(w, S, M, has_m, nibbles, qmin, x, u, xs, out, to_float, scale, out_f, b
                     else:
                         for i in range(B):
                             p32[i] += np.int32(row[i]) * xa
-                _finish(acc, p32, xs[t, g], np.int64(u[t, g]), qmin * xs[t, g], Sb[g], Mb[g], has_m)
+                _finish(acc, p32, xs[t, g], np.int64(u[t, g]), Sb[g], Mb[g], has_m, narrow)
             n0 = b * B
             if to_float:
                 st = scale[t]
@@ -243,7 +267,7 @@ def _run(pw: PackedMpe, x, u, scale):
     xs = _xsums(x, pw.ng, pw.g)
     to_float = scale is not None
     out = np.empty((t, pw.n), np.float32 if to_float else np.int64)
-    args = (pw.w, pw.S, pw.S if pw.M is None else pw.M, pw.M is not None, pw.nibbles, np.int64(pw.qmin),
+    args = (pw.w, pw.S, pw.S if pw.M is None else pw.M, pw.M is not None, pw.nibbles, pw.narrow,
             x, u, xs, _NO_INT if to_float else out, to_float,
             np.ascontiguousarray(scale, np.float32) if to_float else _NO_FLOAT[0], out if to_float else _NO_FLOAT)
     nb = pw.w.shape[0]

@@ -65,6 +65,19 @@ def test_threads_split_the_rows_exactly(monkeypatch):
     assert _same(mpe_float(w, x, u, a, 3), sfu.mpe_to_float(ref, a, 3))
 
 
+def test_wide_groups_take_the_int64_path():
+    """Groups so large that u * psum overflows int32 (int8, G = 1024) use 64-bit products."""
+    g = 1024
+    q = np.full((3, 2 * g), -128)
+    q[1] = 127
+    S, M = np.full((3, 2), SMAX), None
+    x, u = np.full((2, 2 * g), -127), np.full((2, 2), 255)
+    w = pack_mpe(q, S, M, g)
+    assert not w.narrow
+    assert np.array_equal(mpe_acc(w, x, u), mpe_reference(q, S, M, x, u, g))
+    assert pack_mpe(q, np.full((3, 64), SMAX), M, 32).narrow
+
+
 def test_narrow_register_wraps():
     g = 32
     q, S = np.full((1, g), 127), np.full((1, 1), SMAX)
