@@ -563,14 +563,22 @@ def requantize(x: np.ndarray, seg: int | None = None, qmax: float = 0.0):
 @njit(nogil=True, cache=True)
 def _qk_into(q, qs, h0, rep, hd, K, n, ks, S):
     T = q.shape[0]
+    Kt = np.empty((hd, n), np.int32)                # positions innermost: the sums run across them
+    for p in range(n):
+        for d in range(hd):
+            Kt[d, p] = K[p, d]
+    acc = np.empty(n, np.int32)
     for t in range(T):
         for r in range(rep):
             h = h0 + r
+            acc[:] = 0
+            for d in range(hd):
+                qd = np.int32(q[t, h * hd + d])
+                row = Kt[d]
+                for p in range(n):
+                    acc[p] += qd * row[p]
             for p in range(n):
-                acc = 0
-                for d in range(hd):
-                    acc += np.int32(q[t, h * hd + d]) * np.int32(K[p, d])
-                S[t, h, p] = _f(_f(_f(acc) * qs[t, h]) * ks[p])
+                S[t, h, p] = _f(_f(_f(acc[p]) * qs[t, h]) * ks[p])
 
 
 def qk_into(q, qs, h0: int, rep: int, hd: int, K, n: int, ks, S) -> None:
