@@ -262,6 +262,11 @@ def test_client_leaving_a_stream_stops_its_generation(http, gated):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
+        # the first event (the role chunk) may precede the generation: leave once it runs
+        deadline = time.monotonic() + T
+        while len(gated.produced) <= n_gen:
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.005)
     # the device is free again well before the 50 tokens would have been made
     _wait_health(http, running=0, waiting=0)
     assert gated.produced[n_gen] < 25, gated.produced[n_gen:]

@@ -1,7 +1,7 @@
 """docs/u280_resources.json (bench/u280_resources.py) against the floorplan and the user region.
 
 No Yosys run: the committed figures must add up, be split over the SLRs as ``hw.vitis.slr_plan``
-pins the cells today, and fit.
+pins the cells today, fit in DSPs, BRAM and URAM, and state the LUT verdict the figures give.
 """
 
 import json
@@ -73,10 +73,12 @@ def test_fits_user_region(summary, k):
     assert summary["slr_total"]["unpinned"][k] <= summary["free_after_pinned"][k]
 
 
-@pytest.mark.xfail(strict=True, reason="Yosys LUT count of the u280 kernel is above the user region "
-                   "(docs/u280_resources.md: 117%); strict, so that a fit shows up here")
-def test_luts_fit_user_region(summary):
-    assert summary["total"]["LUT"] <= _region()["LUT"]
+def test_lut_verdict_matches_the_figures(summary):
+    """The LUT fit the doc states is the figures' (by Yosys's count the u280 kernel is over
+    the user region today, docs/u280_resources.md; issue 12 stays open on it)."""
+    assert summary["fits"]["region"]["LUT"] == (summary["total"]["LUT"] <= _region()["LUT"])
+    assert summary["fits"]["unpinned_in_free"]["LUT"] == (summary["slr_total"]["unpinned"]["LUT"]
+                                                          <= summary["free_after_pinned"]["LUT"])
 
 
 def test_mac_share(summary):
