@@ -127,10 +127,10 @@ def chat_prompt_ids(tok, messages) -> list:
 
 def _cmd_generate(args) -> int:
     drv = _driver(args)
-    prompt = args.prompt
     if args.chat:            # one user turn in the model's own chat template
-        prompt = drv.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    ids = drv.tok.encode(prompt)
+        ids = chat_prompt_ids(drv.tok, [{"role": "user", "content": args.prompt}])
+    else:
+        ids = drv.tok.encode(args.prompt)
     drv.check_room(len(ids), args.max_new_tokens)
     if args.echo:
         sys.stdout.write(args.prompt)
