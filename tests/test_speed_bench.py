@@ -112,7 +112,6 @@ def test_compare_alternates_and_skips(speed, fake, monkeypatch):
 
 
 def test_plot(speed, fake):
-    pytest.importorskip("matplotlib")
     s = speed.compare(paths=("golden", "reference"), n_tokens=2, rounds=2, log=lambda *a: None)
     speed.plot(s, fake / "speed.png")
     assert (fake / "speed.png").read_bytes()[:4] == b"\x89PNG"
