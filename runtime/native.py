@@ -11,14 +11,15 @@ needs no compiler), which releases the GIL in its kernels (``nogil``) so plain t
 split one large product over both cores. Its own ``prange`` was measured and rejected:
 with it LLVM stopped vectorizing the inner loop (3-5 GMAC/s against 15 serial).
 
-Weight layout (:class:`PackedMpe`), columns innermost so the inner loop runs across
-output rows (one SIMD lane per row, the activation broadcast):
+Weight layout (:class:`PackedMpe`): blocks of ``B = 256`` output rows (the last one
+padded with zero rows), each block contiguous with its rows innermost, so the inner loop
+runs across output rows (one SIMD lane per row, the activation broadcast):
 
-* up to 4 bits: ``w`` uint8 ``(K/G, G/2, N)``; byte ``[g, j, n]`` holds element ``j`` of
-  group ``g`` of row ``n`` in its low nibble and element ``j + G/2`` in its high nibble,
-  both as ``q - qmin`` (0..15); the min term carries ``qmin * S`` (below).
-* 5 to 8 bits: ``w`` int8 ``(K/G, G, N)``, the values themselves.
-* ``S``, ``M`` int32 ``(K/G, N)``: the fixed-point scale and min (27 bits signed,
+* up to 4 bits: ``w`` uint8 ``(N/B, K/G, G/2, B)``; byte ``[b, g, j, i]`` holds element
+  ``j`` of group ``g`` of row ``b B + i`` in its low nibble and element ``j + G/2`` in its
+  high nibble, both as ``q - qmin`` (0..15); the min term carries ``qmin * S`` (below).
+* 5 to 8 bits: ``w`` int8 ``(N/B, K/G, G, B)``, the values themselves.
+* ``S``, ``M`` int32 ``(N/B, K/G, B)``: the fixed-point scale and min (27 bits signed,
   :data:`flightllm.hw.formats.SCALE_FIXED_BITS`), the min plus ``qmin * S`` for nibbles
   stored as ``q - qmin``; no min and no offset: ``M`` is None.
 
@@ -64,7 +65,7 @@ from numba import njit  # noqa: E402  (after the target settings above)
 
 from ..hw.params import ACT_MAX, FACTOR_MAX
 from .arith import wrap_signed
-from .sfu import mpe_scale, mpe_to_float
+from .sfu import lane_tree_width, mpe_scale, mpe_to_float
 from .sfu import (EXP_A_FRAC, EXP_BIG_E, EXP_H_SHIFT, EXP_J_BITS, EXP_LN2, EXP_LOG2E, EXP_LOG2E_FRAC, EXP_R_BITS,
                   EXP_T_FRAC, EXP_T_SHIFT, EXP_TABLE, EXP_TABLE_FRAC)
 
@@ -291,7 +292,6 @@ def _run(pw: PackedMpe, x, u, scale):
 # value to float32 where numba would otherwise keep it wider.
 _f = np.float32
 _F0, _F127, _FU, _FQU = _f(0.0), _f(ACT_MAX), _f(FACTOR_MAX), _f(ACT_MAX * FACTOR_MAX)
-_TABLE = EXP_TABLE.copy()
 
 
 @njit(nogil=True, cache=True)
@@ -342,7 +342,7 @@ def _exp_into(x, y):
         a = ((t & ((1 << EXP_R_BITS) - 1)) * EXP_LN2) >> (EXP_T_FRAC + EXP_R_BITS - EXP_A_FRAC)
         h = a >> EXP_H_SHIFT
         d = a + ((h * h) >> (2 * (EXP_A_FRAC - EXP_H_SHIFT) - EXP_A_FRAC + 1))
-        T = _TABLE[j]
+        T = EXP_TABLE[j]
         M = T + (((T >> EXP_T_SHIFT) * d) >> (EXP_TABLE_FRAC - EXP_T_SHIFT + EXP_A_FRAC - EXP_TABLE_FRAC))
         cut = EXP_TABLE_FRAC - 23
         sig = M >> cut
@@ -458,7 +458,7 @@ def softmax_into(S, mask, vs, g0: int, kvn: int, rep: int, n: int, c: float, lan
     ``g0 .. g0+kvn-1`` (scores ``S`` (T, heads, >= n32), ``mask`` (T, n32), value scales
     ``vs`` (>= n, kv heads)), written into the probability buffer ``q``, ``scale``, ``u``."""
     _softmax_into(S, np.ascontiguousarray(mask, np.bool_), vs, g0, kvn, rep, n, mask.shape[1], np.float32(c),
-                  lanes, slots, 1 << max(0, (lanes - 1).bit_length()), q, scale, u)
+                  lanes, slots, lane_tree_width(lanes), q, scale, u)
 
 
 def softmax_probs(s: np.ndarray, mask: np.ndarray, vs: np.ndarray, c: float, lanes: int, slots: int = 1):
@@ -478,7 +478,7 @@ def lane_sum(x: np.ndarray, lanes: int, slots: int = 1) -> np.ndarray:
     """:func:`flightllm.runtime.sfu.lane_sum` over the last axis of (rows, n)."""
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty(x.shape[0], np.float32)
-    width = 1 << max(0, (lanes - 1).bit_length())
+    width = lane_tree_width(lanes)
     for r in range(x.shape[0]):
         out[r] = _lane_sum(x[r], x.shape[1], lanes, slots, width)
     return out
@@ -510,7 +510,7 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, lanes: int, slots: int = 1
     x = np.ascontiguousarray(x, np.float32)
     y = np.empty_like(x)
     _rmsnorm_rows(x, np.ascontiguousarray(w, np.float32), np.float32(eps), lanes, slots,
-                  1 << max(0, (lanes - 1).bit_length()), y)
+                  lane_tree_width(lanes), y)
     return y
 
 

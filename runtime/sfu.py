@@ -98,7 +98,7 @@ import numpy as np
 from ..compiler.reference import apply_rope
 from ..hw.params import ACT_MAX, FACTOR_MAX
 
-__all__ = ["F32", "lane_sum", "to_int", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_scale", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
+__all__ = ["F32", "lane_tree_width", "lane_sum", "to_int", "requantize", "requantize_groups", "FACTOR_MAX", "mpe_scale", "mpe_to_float", "rmsnorm", "rope", "exp", "silu_mul",
            "qk_scores", "softmax_probs", "attention_mask", "KV_BLOCK", "score_scale",
            "argmax", "dequantize"]
 
@@ -127,6 +127,11 @@ _INF = F32(np.inf)
 _M127 = F32(-ACT_MAX)
 
 
+def lane_tree_width(lanes: int) -> int:
+    """Inputs of the sum tree's lane level: ``lanes`` padded to a power of two with +0.0 lanes."""
+    return 1 << max(0, (lanes - 1).bit_length())
+
+
 def lane_sum(x: np.ndarray, lanes: int, slots: int = 1) -> np.ndarray:
     """Sum over the last axis in the SFU's fixed order (see the module docstring)."""
     x = np.asarray(x, dtype=F32)
@@ -141,7 +146,7 @@ def lane_sum(x: np.ndarray, lanes: int, slots: int = 1) -> np.ndarray:
     # all-(-0.0) accumulator into +0.0, and so does the final + 0.0)
     acc = np.add.accumulate(x.reshape(lead + (blocks, slots, lanes)), axis=-3)[..., -1, :, :] + _ZERO
     acc = np.swapaxes(acc, -1, -2).reshape(lead + (block,))              # index lane * slots + slot
-    width = 1 << max(0, (lanes - 1).bit_length())
+    width = lane_tree_width(lanes)
     if width != lanes:
         acc = np.concatenate([acc, np.zeros(lead + ((width - lanes) * slots,), F32)], axis=-1)
     while acc.shape[-1] > 1:
