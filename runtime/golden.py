@@ -75,7 +75,6 @@ from ..hw.kvcache import KV_GROUP, K as _KIND_K, KvLayout
 from ..hw.params import HwParams
 from . import sfu
 from . import native
-from .native import mpe_float, pack_mpe
 from .timing import Timing, act_cycles, tables_cycles, timing_for
 
 __all__ = ["GoldenError", "DeadlockError", "RunStats", "Golden", "weight_format", "set_blas_threads", "walk",
@@ -179,6 +178,16 @@ def _attended(cols) -> int:
     """The positions of the groups of ``KV_GROUP`` that hold an attended one (``cols``: a
     bool per position, a multiple of ``KV_GROUP``): what SOFTMAX passes over and PV loads."""
     return int(cols.reshape(-1, KV_GROUP).any(axis=1).sum()) * KV_GROUP
+
+
+def _memo(table: dict, key, make, limit: int = 4096):
+    """``table[key]``, made by ``make()`` on a miss; the table starts over past ``limit`` keys."""
+    hit = table.get(key)
+    if hit is None:
+        if len(table) >= limit:
+            table.clear()
+        hit = table[key] = make()
+    return hit
 
 
 def _rname(r):
@@ -364,7 +373,8 @@ class Golden:
                                 WeightFormat.parse(pl.get("kv_format_v") or pl["kv_format"]))
         self._channels = None
         self._kv_pending = []                # ST_KT row writes not yet packed into the images
-        self._kv_beats = {}                  # (kind, pos0, rows) -> beats: the same in every layer
+        # memos (_memo): what every layer of a step computes again
+        self._kv_beats = {}                  # (kind, pos0, rows) -> ST_KT's beats
         self._streams = {}                   # see _stream
         self._masks = {}                     # attention masks: see _attention's rows_and_mask
         if functional:
@@ -473,7 +483,7 @@ class Golden:
     def _prepared(self, w: _Weight):
         if w.wg is None:
             q, S, M = w.qt
-            w.wg = pack_mpe(q, S, M, w.fmt.group_size)
+            w.wg = native.pack_mpe(q, S, M, w.fmt.group_size)
         return w.wg
 
     def _sfu_cost(self, op, rows, work, n=0):
@@ -713,13 +723,8 @@ class Golden:
     def _stream(self, kind, cols):
         """:meth:`~flightllm.hw.kvcache.KvLayout.stream` of the attended positions ``cols``
         (bool), memoized: every layer and head of a step attends the same positions."""
-        key = (kind, cols.size, np.packbits(cols).tobytes())
-        hit = self._streams.get(key)
-        if hit is None:
-            if len(self._streams) > 4096:
-                self._streams.clear()
-            hit = self._streams[key] = self.kvl.stream(kind, cols)
-        return hit
+        return _memo(self._streams, (kind, cols.size, np.packbits(cols).tobytes()),
+                     lambda: self.kvl.stream(kind, cols))
 
     def _st_kt(self, i, ins):
         f, regs, kv = ins.f, self.regs, self.kvl
@@ -762,10 +767,7 @@ class Golden:
                     m = self.kvm.get(off)
                     if m is not None:
                         m[pos0:pos0 + rows] = vals[:, g]
-            bk = (kind, pos0, rows)
-            beats = self._kv_beats.get(bk)
-            if beats is None:
-                beats = self._kv_beats[bk] = kv.write_beats(kind, pos0, rows)
+            beats = _memo(self._kv_beats, (kind, pos0, rows), lambda: kv.write_beats(kind, pos0, rows))
             self._stats.kv_bytes += rows * nkv * hd * kv.fmt_of(kind).bits // 8
             return 0, beats * port / self.ch_bpc
         return h, (src,), tuple(("KVT", o) for o in offs)
@@ -807,20 +809,16 @@ class Golden:
             layer's attention of a step attends the same positions."""
             rows = regs[rr] if rr else 1
             v0 = regs[len_reg] + len_add
-            key = (rows, v0, sink, window)
-            hit = masks.get(key)
-            if hit is not None:
-                return hit
-            n = v0 + rows - 1 if rows > 0 else 0
-            if rows <= 0 or v0 < 1 or n > cap:
-                raise GoldenError(f"{what}: rows {rows} attending up to {n} positions: outside 1..{cap}")
-            n32 = -(-n // KV_GROUP) * KV_GROUP
-            mask = sfu.attention_mask(v0 + np.arange(rows), n32, sink, window)
-            cols = mask.any(axis=0)
-            if len(masks) > 1024:
-                masks.clear()
-            hit = masks[key] = (rows, n, n32, mask, cols, _attended(cols))
-            return hit
+
+            def make():
+                n = v0 + rows - 1 if rows > 0 else 0
+                if rows <= 0 or v0 < 1 or n > cap:
+                    raise GoldenError(f"{what}: rows {rows} attending up to {n} positions: outside 1..{cap}")
+                n32 = -(-n // KV_GROUP) * KV_GROUP
+                mask = sfu.attention_mask(v0 + np.arange(rows), n32, sink, window)
+                cols = mask.any(axis=0)
+                return rows, n, n32, mask, cols, _attended(cols)
+            return _memo(masks, (rows, v0, sink, window), make, 1024)
 
         if op == _SOFTMAX:
             c = f.get("scale", 0.0)
@@ -919,7 +917,7 @@ class Golden:
                                           f"{w.fmt.group_size})")
                     if prep is None:
                         prep = cell[2] = self._prepared(w)
-                    bufs[dst] = mpe_float(prep, q, u, s[:, 0], w.shift, acc_bits)
+                    bufs[dst] = native.mpe_float(prep, q, u, s[:, 0], w.shift, acc_bits)
                 passes = -(-rows // mm_tokens)
                 self._stats.weight_bytes += passes * w.nbytes
                 return (rows * kept / macs, passes * align(w.region) / ch_bpc,
