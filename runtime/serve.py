@@ -433,8 +433,8 @@ def create_app(driver, *, model_name: str | None = None, queue: int = 4, default
                 "total_tokens": n_prompt + out.completion_tokens}
 
     async def respond(req: _Sampling, ids, prompt_field, kind: str):
-        """Run ``ids`` and answer as a chat completion (``kind`` "chat") or a text completion."""
-        check_model(req)
+        """Run ``ids`` and answer as a chat completion (``kind`` "chat") or a text completion
+        (the endpoint has checked the model)."""
         n = budget(req, len(ids), prompt_field)
         drv = state["drv"]
         if max(ids) >= drv.vocab or min(ids) < 0:
