@@ -54,11 +54,13 @@ from flightllm.runtime.golden import Golden
 from flightllm.runtime.perf import LLAMA2_7B
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from speed_worker import PATHS  # noqa: E402  (the paths a worker can run)
+
 WORKER = HERE / "speed_worker.py"
 PROMPT = "The capital of France is"
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. "
 PREFILL_TOKENS = 64
-PATHS = ("golden", "reference", "transformers", "llama.cpp")
 LABELS = {"golden": "golden model (bit-exact, quantized)", "reference": "float32 numpy reference",
           "transformers": "HF transformers (float32, torch CPU)", "llama.cpp": "llama.cpp (llama-cpp-python)"}
 # what --peers installs into the peer environment for each peer path, and the import that
