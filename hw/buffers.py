@@ -42,13 +42,23 @@ Placement: regions of at least :data:`URAM_MIN_WORDS` words carry ``ram_style = 
 Ports
 -----
 :class:`Buffers` has one :func:`port_signature` port per client (the SFU's streams, a
-testbench or host loader, later the matrix engine and LD/ST): a read-request stream
+testbench or host loader, the matrix engine and LD/ST): a read-request stream
 (region, word), an always-ready read-data stream (clients issue only what they can
 take: credit-based), and a write stream (region, word, L lanes, lane mask). Each
 request enters a two-entry FIFO (a registered ``ready``); each region serves one read
 and one write per cycle, round-robin between the clients asking for it. Read data
 returns ``READ_LATENCY`` cycles after the request leaves the client's FIFO, in request
 order per client. Int8 and uint8 lanes read back zero-extended.
+
+Reach. A client may declare the regions it reads and writes (:class:`Reach`, which each
+unit derives from the buffers its own decode accepts: ``reach`` of the MPE, SFU, LD/ST
+engines and the tables loader). Only those regions are wired to it: a region arbitrates
+between the clients that reach it, and a client's read-data mux spans only the regions
+it reads. At u280 size the crossbar is most of the buffers' logic, and most units touch
+few regions (the tables loader one, the MPE's output only the float32 rows), so this is
+where its LUTs go down. A request outside the client's reach is taken and dropped: a
+read returns zeros, a write changes nothing (and still pulses ``wr_done``), so a unit
+that errs cannot hang the buffers. A client given by name only reaches every region.
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ from amaranth.lib.wiring import In, Out
 from .isa import Buf
 from .params import HwParams
 
-__all__ = ["Region", "buffer_map", "capacity", "port_signature", "Buffers", "READ_LATENCY",
+__all__ = ["Region", "Reach", "buf_regions", "buffer_map", "capacity", "port_signature", "Buffers", "READ_LATENCY",
            "SIDE_SEGMENT", "TABLES", "images", "ram_style", "URAM_MIN_WORDS", "BuffersTop", "top_port_members",
            "connect_top_port"]
 
@@ -132,6 +142,39 @@ def buffer_map(p: HwParams) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Reach:
+    """The regions (names of :func:`buffer_map`) one client port reads and writes."""
+    reads: frozenset = frozenset()
+    writes: frozenset = frozenset()
+
+    def __post_init__(self):
+        for kind in ("reads", "writes"):
+            v = getattr(self, kind)
+            if isinstance(v, str) or not all(isinstance(n, str) for n in v):
+                raise TypeError(f"Reach.{kind} must be region names, not {v!r}")
+            object.__setattr__(self, kind, frozenset(v))
+
+    @classmethod
+    def every(cls, params: HwParams) -> "Reach":
+        """Every region, both ways (a testbench's or host loader's port)."""
+        names = frozenset(buffer_map(params))
+        return cls(names, names)
+
+
+def buf_regions(params: HwParams, bufs, sides: bool = False) -> frozenset:
+    """The region names of buffers ``bufs`` (:class:`Buf` members or values), with their
+    ``.scale`` and ``.factor`` regions if ``sides`` (int8 buffers have them)."""
+    bm = buffer_map(params)
+    out = set()
+    for b in bufs:
+        name = Buf(b).name
+        out.add(name)
+        if sides:
+            out.update(n for n in (name + ".scale", name + ".factor") if n in bm)
+    return frozenset(out)
+
+
 #: a region at least this deep (words) goes to UltraRAM (4K x 72 per URAM288); shallower ones
 #: to block RAM, where they waste less (a 2K-deep URAM column is half empty)
 URAM_MIN_WORDS = 4096
@@ -175,8 +218,10 @@ class Buffers(wiring.Component):
     params : HwParams
         ``sfu_lanes``, ``mm_tokens``, ``max_seq_len`` and the ``buf_*`` envelope size
         the regions (:func:`buffer_map`).
-    clients : tuple of str
-        One port per name, attribute ``port_<name>`` (flipped :func:`port_signature`).
+    clients : tuple of str, or dict of str to Reach
+        One port per name, attribute ``port_<name>`` (flipped :func:`port_signature`). A
+        name alone reaches every region; a :class:`Reach` wires only its regions (module
+        docstring).
     only : iterable of str, optional
         Build only these regions (a unit test's or a resource estimate's subset); an
         access to another region is dropped (reads return zeros).
@@ -187,16 +232,29 @@ class Buffers(wiring.Component):
 
     def __init__(self, params: HwParams, clients=("host",), only=None, init=None):
         self._MustUse__silence = True           # never built if the checks below raise
-        if not clients or len(set(clients)) != len(clients):
-            raise ValueError(f"Buffers: clients must be distinct names, not {clients!r}")
-        self.params, self.clients = params, tuple(clients)
-        self.regions = buffer_map(params)
+        names = tuple(clients)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"Buffers: clients must be distinct names, not {names!r}")
+        every = buffer_map(params)
+        reach = {}
+        for c in names:
+            r = clients[c] if isinstance(clients, dict) else Reach.every(params)
+            if not isinstance(r, Reach):
+                raise TypeError(f"Buffers: client {c!r} needs a Reach, not {type(r).__name__}")
+            unknown = (r.reads | r.writes) - set(every)
+            if unknown:
+                raise ValueError(f"Buffers: client {c!r} reaches unknown region(s) {sorted(unknown)}")
+            reach[c] = r
+        self.params, self.clients = params, names
+        self.regions = every
         if only is not None:
             unknown = set(only) - set(self.regions)
             if unknown:
                 raise ValueError(f"Buffers: unknown region(s) {sorted(unknown)}; regions are "
                                  f"{', '.join(self.regions)}")
             self.regions = {k: v for k, v in self.regions.items() if k in set(only)}
+        #: client -> the Reach it is wired with (restricted to the regions built)
+        self.reach = {c: Reach(r.reads & set(self.regions), r.writes & set(self.regions)) for c, r in reach.items()}
         L = params.sfu_lanes
         #: region name -> its Memory (a testbench may load ``mem.data`` directly)
         init = init or {}
@@ -218,18 +276,40 @@ class Buffers(wiring.Component):
         m = Module()
         L = self.params.sfu_lanes
         C = len(self.clients)
+        none = len(buffer_map(self.params))             # a read region id no case matches: zeros
+        # per client: the read it issued READ_LATENCY - 1 cycles ago comes from this region
+        rd_valid = [Signal(name=f"rdv_{c}") for c in self.clients]
+        rd_region = [Signal(range(none + 1), name=f"rdr_{c}") for c in self.clients]
+        rd_out = [self.port(c).rd_data for c in self.clients]
         reqs, wrs = [], []
-        for c in self.clients:
-            port = self.port(c)
-            for kind, s, lst in (("rd", port.rd_req, reqs), ("wr", port.wr, wrs)):
+        for i, c in enumerate(self.clients):
+            port, reach = self.port(c), self.reach[c]
+            for kind, s, lst, names in (("rd", port.rd_req, reqs, reach.reads), ("wr", port.wr, wrs, reach.writes)):
+                if not names:                   # nothing to reach: take and drop, no FIFO
+                    m.d.comb += s.ready.eq(1)
+                    lst.append(None)
+                    if kind == "rd":
+                        m.d.sync += [rd_valid[i].eq(s.valid), rd_region[i].eq(none)]
+                    else:
+                        m.d.sync += port.wr_done.eq(s.valid)
+                    continue
                 q = fifo.SyncFIFO(width=len(s.payload.as_value()), depth=2)
                 m.submodules[f"{c}_{kind}_q"] = q
                 m.d.comb += [q.w_en.eq(s.valid), q.w_data.eq(s.payload.as_value()), s.ready.eq(q.w_rdy)]
-                lst.append((q, data.View(s.payload.shape(), q.r_data)))
-        # per client: the read it issued READ_LATENCY - 1 cycles ago comes from this region
-        rd_valid = [Signal(name=f"rdv_{c}") for c in self.clients]
-        rd_region = [Signal(range(len(buffer_map(self.params))), name=f"rdr_{c}") for c in self.clients]
-        rd_out = [self.port(c).rd_data for c in self.clients]
+                v = data.View(s.payload.shape(), q.r_data)
+                ids = sorted(self.regions[n].id for n in names)
+                miss = Signal(name=f"{c}_{kind}_miss")          # outside the reach: dropped
+                m.d.comb += miss.eq(q.r_rdy & ~Cat(v.region == rid for rid in ids).any())
+                with m.If(miss):
+                    m.d.comb += q.r_en.eq(1)
+                    if kind == "rd":
+                        m.d.sync += [rd_valid[i].eq(1), rd_region[i].eq(none)]
+                lst.append((q, v))
+                if kind == "wr":
+                    m.d.sync += port.wr_done.eq(q.r_en)
+                else:                           # no grant and no miss this cycle: nothing to return
+                    with m.If(~q.r_en):
+                        m.d.sync += rd_valid[i].eq(0)
         region_data = {}
         for name, reg in self.regions.items():
             mem = self.mems[name]
@@ -237,12 +317,16 @@ class Buffers(wiring.Component):
             rp = mem.read_port()
             wp = mem.write_port(granularity=1)            # one enable per lane
             region_data[reg.id] = rp.data
-            for kind, lst, port in (("rd", reqs, rp), ("wr", wrs, wp)):
-                want = Signal(C, name=f"{name.replace('.', '_')}_{kind}_want")
-                m.d.comb += want.eq(Cat(q.r_rdy & (v.region == reg.id) for q, v in lst))
+            for kind, lst, port, attr in (("rd", reqs, rp, "reads"), ("wr", wrs, wp, "writes")):
+                who = [i for i, c in enumerate(self.clients) if name in getattr(self.reach[c], attr)]
+                if not who:
+                    continue
+                want = Signal(len(who), name=f"{name.replace('.', '_')}_{kind}_want")
+                m.d.comb += want.eq(Cat(lst[i][0].r_rdy & (lst[i][1].region == reg.id) for i in who))
                 grant = self._round_robin(m, want, f"{name.replace('.', '_')}_{kind}")
-                for i, (q, v) in enumerate(lst):
-                    with m.If(grant[i]):
+                for k, i in enumerate(who):
+                    q, v = lst[i]
+                    with m.If(grant[k]):
                         m.d.comb += [port.addr.eq(v.word), q.r_en.eq(1)]
                         if kind == "rd":
                             m.d.comb += port.en.eq(1)
@@ -251,17 +335,12 @@ class Buffers(wiring.Component):
                             m.d.comb += port.data.eq(Cat(v.data[l][:reg.bits] for l in range(L)))
                             m.d.comb += port.en.eq(v.mask)
         for i, c in enumerate(self.clients):
-            m.d.sync += self.port(c).wr_done.eq(wrs[i][0].r_en)
-        for i in range(C):                                  # no grant this cycle: nothing to return
-            grants = Signal(name=f"granted_{self.clients[i]}")
-            m.d.comb += grants.eq(reqs[i][0].r_en)
-            with m.If(~grants):
-                m.d.sync += rd_valid[i].eq(0)
-            # one register after the memory: READ_LATENCY = 2
+            # one register after the memory: READ_LATENCY = 2; only the regions the client reads
             with m.Switch(rd_region[i]):
-                for rid, d in region_data.items():
+                for n in sorted(self.reach[c].reads, key=lambda n: self.regions[n].id):
+                    rid = self.regions[n].id
                     with m.Case(rid):
-                        m.d.sync += rd_out[i].payload.eq(Cat(_zext(d, l, L) for l in range(L)))
+                        m.d.sync += rd_out[i].payload.eq(Cat(_zext(region_data[rid], l, L) for l in range(L)))
                 with m.Default():
                     m.d.sync += rd_out[i].payload.eq(0)
             m.d.sync += rd_out[i].valid.eq(rd_valid[i])

@@ -74,7 +74,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
 from .axi import command_layout, write_data_layout
-from .buffers import buffer_map, port_signature
+from .buffers import Reach, buf_regions, buffer_map, port_signature
 from .formats import RECORD_ALIGN_BITS, SCALE_FIXED_BITS, SCALE_STORE_BITS, SUB_BITS, WeightFormat, record_bits
 from .fp32 import I2F
 from .geometry import delay
@@ -207,6 +207,7 @@ class EmbedEngine(wiring.Component):
         self.addr_bits, self.wr_depth = addr_bits, wr_depth
         self.formats = embed_formats(params)
         self.regions = buffer_map(params)
+        self.reach = {"buf": Reach(writes=buf_regions(params, EMBED_DST))}     #: what ``buf`` touches
         super().__init__({
             "issue": In(stream.Signature(entry_layout())),
             "done": Out(1), "busy": Out(1), "fault": Out(1), "fault_pc": Out(PC_BITS), "abort": In(1),

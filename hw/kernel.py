@@ -127,9 +127,12 @@ class Kernel(wiring.Component):
             if name not in units:
                 units[name] = MissingUnit()
             m.submodules[f"unit_{name}"] = units[name]
-        bufs = m.submodules.buffers = Buffers(p, clients=("sfu_x", "sfu_s2", "sfu_tab", "sfu_wr", "tables",
-                                                          "ld_space", "st_space", "embed", "kvstore",
-                                                          "mpe_ld", "mpe_out"))
+        # one client port per unit stream, each wired to the regions its unit can touch
+        ports = {f"sfu_{k}": (sfu, k) for k in ("x", "s2", "tab", "wr")}
+        ports.update({"tables": (tabs, "wr"), "ld_space": (ld_space, "buf"), "st_space": (st_space, "buf"),
+                      "embed": (embed, "buf"), "kvstore": (kvstore, "buf"), "mpe_ld": (mpe, "ld"),
+                      "mpe_out": (mpe, "out")})
+        bufs = m.submodules.buffers = Buffers(p, clients={c: u.reach[k] for c, (u, k) in ports.items()})
 
         # start: the tables first when asked for, then the program
         m.d.comb += [tabs.start.eq(slave.start), tabs.base.eq(args.instr + args.tab_offset),
@@ -171,15 +174,8 @@ class Kernel(wiring.Component):
         m.d.comb += [ctl.argmax_valid.eq(sfu.argmax.valid), ctl.argmax_value.eq(sfu.argmax.payload)]
         wiring.connect(m, mpe.mpe_tok, ctl.mpe_tok)
 
-        for port in ("x", "s2", "tab", "wr"):
-            wiring.connect(m, getattr(sfu, port), bufs.port(f"sfu_{port}"))
-        wiring.connect(m, tabs.wr, bufs.port("tables"))
-        wiring.connect(m, ld_space.buf, bufs.port("ld_space"))
-        wiring.connect(m, st_space.buf, bufs.port("st_space"))
-        wiring.connect(m, embed.buf, bufs.port("embed"))
-        wiring.connect(m, kvstore.buf, bufs.port("kvstore"))
-        wiring.connect(m, mpe.ld, bufs.port("mpe_ld"))
-        wiring.connect(m, mpe.out, bufs.port("mpe_out"))
+        for c, (u, k) in ports.items():
+            wiring.connect(m, getattr(u, k), bufs.port(c))
         m.d.comb += [embed.tok_space.eq(args.tok_space), embed.max_seq.eq(args.max_seq)]
         for e in (ld_space, st_space):
             m.d.comb += [e.spaces.kv_space.eq(args.kv_space), e.spaces.out_space.eq(args.out_space),

@@ -86,7 +86,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .buffers import buffer_map, port_signature
+from .buffers import Reach, buf_regions, buffer_map, port_signature
 from .embed import _lg, read_port_signature, write_port_signature
 from .formats import WeightFormat
 from .isa import _FIELDS, Buf, KvStFmt, Opcode
@@ -151,6 +151,7 @@ class KvStoreEngine(wiring.Component):
         self.addr_bits, self.depth = addr_bits, depth
         self.kv_bits = tuple(sorted({WeightFormat.parse(n).bits for n in params.kv_formats}))
         self.regions = buffer_map(params)
+        self.reach = {"buf": Reach(reads=buf_regions(params, ST_KT_SRC))}      #: what ``buf`` touches
         W = params.hbm_port_bits
         C = params.weight_channels
         super().__init__({

@@ -101,7 +101,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .axi import BEATS_BITS, BurstReader, axi4_signature, command_layout
-from .buffers import buffer_map, port_signature
+from .buffers import Reach, buf_regions, buffer_map, port_signature
 from .control import COMPUTE_WAITS, PC_BITS, entry_layout
 from .formats import E0_MAX, WeightFormat
 from .fp32 import FMul
@@ -1198,6 +1198,11 @@ class MpeUnit(wiring.Component):
         }
         for c in range(ug.C):
             members[f"axi{c}"] = Out(axi4_signature(addr_bits, ug.W, write=False))
+        #: port -> the regions it may touch: what the decode accepts (``is_i8`` sources with
+        #: their scales and factors; ``is_trans`` QK key scales; ``is_f32row`` results)
+        self.reach = {"ld": Reach(reads=buf_regions(params, [b for b in Buf if ug.is_i8(b.value)], sides=True)),
+                      "out": Reach(reads=buf_regions(params, [b for b in Buf if ug.is_trans(b.value)]),
+                                   writes=buf_regions(params, [b for b in Buf if ug.is_f32row(b.value)]))}
         super().__init__(members)
 
     @property

@@ -46,15 +46,23 @@ from amaranth import Array, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .buffers import TABLES, buffer_map, port_signature
+from .buffers import TABLES, Reach, buf_regions, buffer_map, port_signature
 from .isa import Buf, Opcode
 from .params import HwParams
 from .sfu import ARGMAX, DST, FACTOR, OUT_COUNT_BITS, SCALE, S2, TAB, X, XF, XS, SfuCore
 
-__all__ = ["SfuOp", "SfuUnit", "sfu_op", "SfuDecode", "SfuKernelUnit"]
+__all__ = ["SfuOp", "SfuUnit", "sfu_op", "SfuDecode", "SfuKernelUnit", "sfu_reach"]
 
 _RECIP_BITS = 16
 _BUF = Shape.cast(Buf)
+
+
+def sfu_reach(params: HwParams) -> dict:
+    """Port -> the regions it may touch: ``x`` reads any buffer with its scales and factors
+    (``src``), ``s2`` any buffer (``src2``; SOFTMAX's VS), ``tab`` the tables, ``wr`` writes any
+    buffer with its scales and factors (``dst``)."""
+    every, own = buf_regions(params, Buf, sides=True), buf_regions(params, Buf)
+    return {"x": Reach(reads=every), "s2": Reach(reads=own), "tab": Reach(reads={TABLES}), "wr": Reach(writes=every)}
 
 
 class SfuOp(data.Struct):
@@ -421,6 +429,7 @@ class SfuKernelUnit(wiring.Component):
     def __init__(self, params: HwParams):
         from .control import PC_BITS, entry_layout
         self.params = params
+        self.reach = sfu_reach(params)          #: port -> the regions it may touch
         sig = port_signature(params)
         super().__init__({
             "issue": In(stream.Signature(entry_layout())),

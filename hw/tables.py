@@ -17,7 +17,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .axi import BurstReader, axi4_signature
-from .buffers import TABLES, buffer_map, port_signature
+from .buffers import TABLES, Reach, buffer_map, port_signature
 from .isa import WORD_BITS
 from .params import HwParams
 
@@ -48,6 +48,7 @@ class TableLoader(wiring.Component):
             raise ValueError(f"TableLoader: sfu_lanes {L} is not a multiple of {_PER_BEAT} (floats per beat)")
         self.params = params
         self._reader = BurstReader(WORD_BITS, 64, max_burst=64, fifo_depth=128)
+        self.reach = {"wr": Reach(writes={TABLES})}                             #: what ``wr`` touches
         super().__init__({
             "start": In(1), "base": In(64), "words": In(32), "done": Out(1),
             "axi": Out(axi4_signature(64, WORD_BITS, write=False)),

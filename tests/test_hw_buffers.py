@@ -133,3 +133,75 @@ def test_buffers_top_is_a_plain_top():
     for c in ("host", "sfu"):
         for port in ("rd_req__valid", "rd_data__payload", "wr__ready", "wr_done"):
             assert f"\\{c}_{port}" in text, (c, port)
+
+
+def test_reach_wires_only_the_declared_regions():
+    """A client with a Reach reads and writes its regions; outside them a read returns zeros
+    and a write changes nothing (the host, reaching everything, sees the words unchanged),
+    and neither hangs: every request is taken and every read answered."""
+    from flightllm.hw.buffers import Reach
+    bm = buffer_map(P)
+    regions = ("X", "HQ", "TAB")
+    clients = {"host": Reach.every(P), "a": Reach(reads={"X"}, writes={"X"}),
+               "b": Reach(reads={"HQ"}, writes=())}
+    dut = Buffers(P, clients=clients, only=regions)
+    assert dut.reach["host"].reads == frozenset(regions)           # restricted to what is built
+    full = (1 << 32) - 1
+
+    def word(r, seed):
+        return [(seed * 7919 + 13 * i + 1) & ((1 << bm[r].bits) - 1) for i in range(L)]
+
+    async def do(ctx, c, kind, r, w, vals=None, budget=20):
+        port = dut.port(c)
+        s = port.wr if kind == "wr" else port.rd_req
+        ctx.set(s.payload.region, bm[r].id)
+        ctx.set(s.payload.word, w)
+        if kind == "wr":
+            ctx.set(s.payload.data.as_value(), sum(v << (32 * i) for i, v in enumerate(vals)))
+            ctx.set(s.payload.mask, (1 << L) - 1)
+        ctx.set(s.valid, 1)
+        for _ in range(budget):
+            taken = ctx.get(s.ready)
+            await ctx.tick()
+            if taken:
+                break
+        else:
+            raise AssertionError(f"{c}: {kind} of {r} never taken")
+        ctx.set(s.valid, 0)
+        for _ in range(budget):
+            if kind == "wr" and ctx.get(port.wr_done):
+                return None
+            if kind == "rd" and ctx.get(port.rd_data.valid):
+                v = ctx.get(port.rd_data.payload.as_value())
+                return [(v >> (32 * i)) & full for i in range(L)]
+            await ctx.tick()
+        raise AssertionError(f"{c}: {kind} of {r} never answered")
+
+    async def bench(ctx):
+        for k, r in enumerate(regions):
+            await do(ctx, "host", "wr", r, 1, word(r, k + 1))
+        assert await do(ctx, "a", "rd", "X", 1) == word("X", 1)
+        assert await do(ctx, "a", "rd", "HQ", 1) == [0] * L              # outside a's reads
+        await do(ctx, "a", "wr", "HQ", 1, word("HQ", 9))                 # outside a's writes: dropped
+        await do(ctx, "b", "wr", "X", 1, word("X", 9))                   # b writes nothing
+        await do(ctx, "a", "wr", "X", 2, word("X", 5))
+        assert await do(ctx, "b", "rd", "HQ", 1) == word("HQ", 2)
+        assert await do(ctx, "b", "rd", "TAB", 1) == [0] * L
+        assert await do(ctx, "host", "rd", "HQ", 1) == word("HQ", 2)     # unchanged by a
+        assert await do(ctx, "host", "rd", "X", 1) == word("X", 1)       # unchanged by b
+        assert await do(ctx, "host", "rd", "X", 2) == word("X", 5)       # a's own write
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_reach_is_checked():
+    from flightllm.hw.buffers import Reach
+    with pytest.raises(ValueError, match=r"client 'a' reaches unknown region\(s\) \['NOPE'\]"):
+        Buffers(P, clients={"a": Reach(reads={"NOPE"})})
+    with pytest.raises(TypeError, match="needs a Reach"):
+        Buffers(P, clients={"a": {"X"}})
+    with pytest.raises(TypeError, match="region names"):
+        Reach(reads="X")
