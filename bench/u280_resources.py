@@ -305,8 +305,8 @@ def _group(path):
         return "MPE dequant units, beat and output FIFOs"
     if path.startswith("unit_mpe/core/engine"):
         return "MPE engine shared (activation banks, sequencer, broadcast)"
-    if path.startswith("unit_mpe/reader"):
-        return "MPE burst readers (stream FIFOs)"
+    if path.startswith(("unit_mpe/reader", "unit_mpe/slr")):
+        return "MPE burst readers (stream FIFOs), SLR-crossing stages"
     if head == "unit_mpe":
         return "MPE unit logic (decode, loader, output lanes)"
     if head == "unit_sfu":
@@ -327,10 +327,12 @@ def cell_items(res, p, sfu):
         for n in names:
             items[n] = res["runs"][run]["total"]
     mu = res["runs"]["mpe_unit"]["units"]
-    for c in range(p.weight_channels):
-        items[f"unit_mpe/reader{c}"] = mu[f"reader{c}"]
-    readers = add(*[mu[f"reader{c}"] for c in range(p.weight_channels)])
-    items["unit_mpe (own logic)"] = add(mu[""], scale(readers, -1))
+    from flightllm.hw.geometry import far_channels
+    # the weight channels' burst readers and the register stages of the channels crossing to SLR1
+    parts = [f"reader{c}" for c in range(p.weight_channels)] + [f"slr{c}" for c in far_channels(p)]
+    for n in parts:
+        items[f"unit_mpe/{n}"] = mu[n]
+    items["unit_mpe (own logic)"] = add(mu[""], scale(add(*[mu[n] for n in parts]), -1))
     eng, _ = engine_items(res, p)
     items.update(eng)
     core, _ = sfu_core(sfu)
@@ -459,7 +461,7 @@ def main(argv=None):
 
 #: The table's columns.
 TCOLS = ("DSP48E2", "LUT", "FF", "BRAM36", "URAM288")
-GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE burst readers (stream FIFOs)",
+GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE burst readers (stream FIFOs), SLR-crossing stages",
                "HBM AXI paths (muxes, burst readers/writers)", "control, fetch, tables, AXI-Lite, top glue",
                "MPE engine shared (activation banks, sequencer, broadcast)",
                "MPE unit logic (decode, loader, output lanes)", "LD / ST units (EMBED, ST_KT)",
@@ -480,17 +482,17 @@ Yosys gives no timing; these are the paths to watch in the routed report (`make 
 `make bitstream` on a build host), what the RTL does about each today and what is left.
 
 1. **SLR0 -> SLR1: the raw 512-bit beats of channels 16-31.** `slr_plan` puts each channel's
-   burst reader (with its data FIFO, the stream FIFO) in SLR0 and, from 16 channels on, the
-   dequant units, beat FIFOs and chains of the upper half in SLR1. The FIFO's read data goes
-   straight (`MpeUnit`: `dat.payload.eq(r.data.payload)`, combinational, through `_Core`) into
-   the dequant unit's input, whose `words.ready` comes from registers (window fill, skid
-   valid) and whose input lands in its skid register or window: so the crossing is
-   register -> SLL -> register in the data direction, but the handshake (`words.valid` forward,
-   `ready` back into the FIFO's read enable) is one cycle each way through the SLLs, 16 x
-   (512 + 2) nets. **There is no dedicated register stage at this crossing in `hw/` today**
-   (`floorplan.tcl` says so); Vivado's SLR-crossing auto-pipelining does not apply to these
-   plain nets. What remains: a registered slice (skid pair, as `hw/axi.py`'s `SkidBuffer`) on
-   each crossing channel, placed with `USER_SLL_REG` or pblocks on both sides.
+   burst reader (with its data FIFO, the stream FIFO) in SLR0 and, from 16 channels on
+   (`hw/geometry.py` `far_channels`), the dequant units, beat FIFOs and chains of the upper
+   half in SLR1. Each crossing channel has a register stage on the far side
+   (`MpeUnit`'s `slr<c>`, a `SkidBuffer` pinned to SLR1 by `floorplan.tcl`): the FIFO's
+   output register (SLR0) drives the SLLs straight into the stage's output and skid registers
+   (data and valid: register -> SLL -> register), and the stage's `ready` is a register
+   (`~skid_full`) whose SLL net ends in the FIFO's read enable: 16 x (512 + 2) nets, none
+   with logic before the SLL. It costs one cycle of latency on those channels (the sequencer
+   waits for every dequant unit anyway) and is emptied by `abort`. What remains: whether
+   Vivado needs the Laguna TX/RX flops (`USER_SLL_REG`) at 225 MHz, which only the routed
+   report shows.
 2. **The engine's shared part driving both SLRs.** The sequencer (unpinned, one instance)
    issues a (beat, token) when all 32 dequant units have a beat (per-unit counters, counted
    up by registered push pulses) and pops the 32 beat FIFOs through per-unit registered pops

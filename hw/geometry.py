@@ -44,7 +44,20 @@ from .formats import RECORD_ALIGN_BITS, SCALE_FIXED_BITS, WeightFormat, record_b
 from .params import ACT_MAX, FACTOR_MAX, WEIGHT_MAX, HwParams
 
 __all__ = ["EngineGeometry", "FormatInfo", "delay", "ceil_div", "bits_for", "beat_layout",
-           "dequant_cfg_layout"]
+           "dequant_cfg_layout", "SPLIT_CHANNELS", "far_channels"]
+
+#: Below this many weight channels the whole kernel fits in SLR0 (the small presets: a few
+#: percent of the device, docs/kernel_resources.md); from it on, the upper half of the
+#: channels' dequant units and chains sit in SLR1 (:func:`flightllm.hw.vitis.slr_plan`).
+SPLIT_CHANNELS = 16
+
+
+def far_channels(params: HwParams) -> tuple:
+    """The weight channels whose dequant unit and chains sit in SLR1, away from their HBM port
+    in SLR0: their raw beats cross the SLR boundary, through a register stage on the far side
+    (:class:`~flightllm.hw.mpe_unit.MpeUnit`'s ``slr<c>``)."""
+    C = params.weight_channels
+    return tuple(range(C // 2, C)) if C >= SPLIT_CHANNELS else ()
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -61,6 +61,7 @@ import sys
 from dataclasses import dataclass
 
 from .build import KERNEL_NAME, _write_atomic, verilog_text
+from .geometry import SPLIT_CHANNELS, far_channels
 from .params import PRESETS, HwParams, get_preset
 from .regmap import AP_DONE, AP_IDLE, AP_READY, AP_START, AUTO_RESTART, DATA_BITS, RegisterMap, register_map
 
@@ -225,10 +226,6 @@ def memory_bank(params: HwParams, argument: str) -> str:
     return f"HBM[{c}]"
 
 
-#: Below this many weight channels the whole kernel fits in SLR0 (the small presets: a few
-#: percent of the device, docs/kernel_resources.md); from it on, half the matrix engine moves
-#: to SLR1.
-SPLIT_CHANNELS = 16
 
 
 def slr_plan(params: HwParams) -> dict:
@@ -241,16 +238,19 @@ def slr_plan(params: HwParams) -> dict:
                          f"{HBM_PSEUDO_CHANNELS} HBM pseudo-channels")
     slr0, slr1 = [], []
     hbm = "on an HBM pseudo-channel's AXI path: next to the HBM controller in SLR0"
-    split = C >= SPLIT_CHANNELS
+    far_set = set(far_channels(params))
     for c in range(C):
         for cell in (f"read_mux_ch{c:02d}", f"write_mux_ch{c:02d}", f"embed_rd{c:02d}",
                      f"kvstore_rd{c:02d}", f"kvstore_wr{c:02d}", f"unit_mpe/reader{c}"):
             slr0.append((cell, hbm))
-        far = split and c >= C // 2
+        far = c in far_set
         where = slr1 if far else slr0
         why = ("the second half of the channels' dequant units and chains: SLR0 cannot hold "
                "the whole engine; the raw 512-bit beat crosses the SLR boundary (narrower than "
                "the dequantized lanes)" if far else "dequant unit and chains beside their channel")
+        if far:
+            where.append((f"unit_mpe/slr{c}", "the register stage of the channel's beats on the far side of the "
+                          "SLR crossing: reader FIFO register -> SLL -> this stage's registers"))
         for cell in (f"unit_mpe/core/engine/beat_fifo{c}", f"unit_mpe/core/engine/dequant{c}"):
             where.append((cell, why))
         for j in range(c, params.chains, C):            # chain j is fed by dequant unit j % C
@@ -433,9 +433,10 @@ def floorplan_tcl(params: HwParams) -> str:
          "#   SLR0 cannot hold all the engine's DSPs next to the HBM paths, so the dequant units and",
          "#   chains of the upper half of the channels go to SLR1; what crosses the boundary is each",
          "#   channel's raw beat (hbm_port_bits wide, from the reader's data FIFO to the engine's beat",
-         "#   FIFO) and the activation broadcast, not the wider dequantized lanes. The RTL has no",
-         "#   dedicated SLL register stage there yet: a timing risk at 225 MHz to check in the routed",
-         "#   report (Vivado's auto-pipelining of SLR crossings does not apply to plain nets).",
+         "#   FIFO) and the activation broadcast, not the wider dequantized lanes. Each crossing beat",
+         "#   is registered on both sides: the reader FIFO's output register in SLR0, the channel's",
+         "#   register stage unit_mpe/slrNN (a skid pair with a registered ready) in SLR1, so data",
+         "#   and valid go register -> SLL -> register and ready comes back from a register.",
          "# - Buffers (URAM/BRAM, the largest block) and the SFU are left to the placer inside the",
          "#   dynamic region: the buffers need URAM of more than one SLR at u280 size.",
          "",
