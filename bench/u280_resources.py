@@ -74,6 +74,8 @@ SPLIT_UNITS = ("unit_mpe", "unit_sfu", "unit_ld", "unit_st")
 #: units whose engines the kernel wires to directly (not through the unit's own ports): measured
 #: inside the kernel (the ``ldst`` run), since on their own those engine ports would be left open
 IN_KERNEL = ("unit_ld", "unit_st")
+#: the LD and ST units' item when they are measured flattened (``ldst_flat``)
+LDST_FLAT = "unit_ld + unit_st (flattened)"
 #: resources with a capacity (the table and plot columns)
 RES = tuple(U280_REGION)
 
@@ -209,6 +211,22 @@ def run_hier(run, comp, top, work, timeout, stub_paths=()):
             "units": units}
 
 
+def run_kept(run, comp, top, work, timeout, stub_paths):
+    """Flattened synthesis but for the stubs (``keep_hierarchy``): the top module's own cells,
+    which hold everything not stubbed, optimised across the units' boundaries."""
+    d = work / run
+    keep = " ".join(f"{top}.u.{s}" for s in stub_paths)
+    r = synth(as_top(comp), top, d, f"setattr -mod -set keep_hierarchy 1 {keep}\n{SYNTH}", timeout=timeout)
+    h = hierarchy(json.loads((d / "stat.json").read_text()), top=top)
+    kept = sorted(q for q in h if q)
+    missing = sorted(set(f"u.{s}" for s in stub_paths) - set(kept))
+    if missing:
+        raise RuntimeError(f"{run}: stubs flattened away: {missing[:5]}")
+    own = summarise(h[""]["own"])
+    return {"flags": f"setattr -mod -set keep_hierarchy 1 <stubs>; {SYNTH}", "synth_s": r["synth_s"],
+            "own": {c: own[c] for c in COLS}, "kept": kept}
+
+
 def do_run(run, p, units, work, timeout):
     if run.startswith("unit:"):
         return run_flat(run, units[run[5:]], work, timeout)
@@ -230,6 +248,11 @@ def do_run(run, p, units, work, timeout):
         stub = [n for n in units if run == "top" or n not in IN_KERNEL]
         with stubbed(*{type(units[n]) for n in stub}):
             return run_hier(run, Kernel(p), "kernel", work, timeout, stub)
+    if run == "ldst_flat":
+        from flightllm.hw.kernel import Kernel
+        stub = [n for n in units if n not in IN_KERNEL]
+        with stubbed(*{type(units[n]) for n in stub}):
+            return run_kept(run, Kernel(p), "kernel", work, timeout, stub)
     raise ValueError(run)
 
 
@@ -305,13 +328,13 @@ def _group(path):
         return "MPE dequant units, beat and output FIFOs"
     if path.startswith("unit_mpe/core/engine"):
         return "MPE engine shared (activation banks, sequencer, broadcast)"
-    if path.startswith(("unit_mpe/reader", "unit_mpe/slr")):
-        return "MPE burst readers (stream FIFOs), SLR-crossing stages"
+    if path.startswith("unit_mpe/reader"):
+        return "MPE burst readers (stream FIFOs)"
     if head == "unit_mpe":
         return "MPE unit logic (decode, loader, output lanes)"
     if head == "unit_sfu":
         return "SFU (core + unit)"
-    if head in ("unit_ld", "unit_st"):
+    if head in ("unit_ld", "unit_st") or path == LDST_FLAT:
         return "LD / ST units (EMBED, ST_KT)"
     if head == "buffers":
         return "buffers"
@@ -327,20 +350,22 @@ def cell_items(res, p, sfu):
         for n in names:
             items[n] = res["runs"][run]["total"]
     mu = res["runs"]["mpe_unit"]["units"]
-    from flightllm.hw.geometry import far_channels
-    # the weight channels' burst readers and the register stages of the channels crossing to SLR1
-    parts = [f"reader{c}" for c in range(p.weight_channels)] + [f"slr{c}" for c in far_channels(p)]
-    for n in parts:
-        items[f"unit_mpe/{n}"] = mu[n]
-    items["unit_mpe (own logic)"] = add(mu[""], scale(add(*[mu[n] for n in parts]), -1))
+    for c in range(p.weight_channels):
+        items[f"unit_mpe/reader{c}"] = mu[f"reader{c}"]
+    readers = add(*[mu[f"reader{c}"] for c in range(p.weight_channels)])
+    items["unit_mpe (own logic)"] = add(mu[""], scale(readers, -1))
     eng, _ = engine_items(res, p)
     items.update(eng)
     core, _ = sfu_core(sfu)
     items["unit_sfu/unit/core"] = core
     items["unit_sfu (around the core)"] = res["runs"]["sfu_unit"]["units"][""]
     items["(top level's own cells)"] = res["runs"]["top"]["units"][""]
-    for n in IN_KERNEL:
-        items[n] = res["runs"]["ldst"]["units"][n]
+    if "ldst_flat" in res["runs"]:
+        # the LD and ST units flattened with the top level's cells; less those (the top run's)
+        items[LDST_FLAT] = add(res["runs"]["ldst_flat"]["own"], scale(res["runs"]["top"]["units"][""], -1))
+    else:
+        for n in IN_KERNEL:
+            items[n] = res["runs"]["ldst"]["units"][n]
     return items
 
 
@@ -419,7 +444,7 @@ def main(argv=None):
     res["unit_runs"] = plan_unit_runs(units)
     print(f"{len(units)} instances, {len(res['unit_runs'])} distinct flat runs ({time.time() - t0:.0f} s)", flush=True)
     order = [r for r in res["unit_runs"] if r != "unit:buffers"]
-    order += ["top", "ldst", "sfu_unit"] + [f"engine_c{c}" for c in ENGINE_SLICES] + ["mpe_unit", "unit:buffers"]
+    order += ["top", "ldst", "ldst_flat", "sfu_unit"] + [f"engine_c{c}" for c in ENGINE_SLICES] + ["mpe_unit", "unit:buffers"]
     if a.list:
         print("\n".join(order))
         return 0
@@ -461,7 +486,7 @@ def main(argv=None):
 
 #: The table's columns.
 TCOLS = ("DSP48E2", "LUT", "FF", "BRAM36", "URAM288")
-GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE burst readers (stream FIFOs), SLR-crossing stages",
+GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE burst readers (stream FIFOs)",
                "HBM AXI paths (muxes, burst readers/writers)", "control, fetch, tables, AXI-Lite, top glue",
                "MPE engine shared (activation banks, sequencer, broadcast)",
                "MPE unit logic (decode, loader, output lanes)", "LD / ST units (EMBED, ST_KT)",
@@ -471,6 +496,8 @@ GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE bu
 RUN_NOTE = {"top": "the kernel's top level, every instance stubbed (its own cells: address adders, fault mux)",
             "ldst": "the kernel, every instance but the LD and ST units stubbed (their engines' ports are wired "
                     "by the top level)",
+            "ldst_flat": "the same, flattened but for the stubs (keep_hierarchy): the LD and ST units with the "
+                         "top level's own cells, optimised across their boundaries",
             "sfu_unit": "SfuKernelUnit, its SfuCore stubbed (decode, buffer-port logic and FIFOs)",
             "mpe_unit": "MpeUnit, its MatrixEngine stubbed (decode, loader, out lanes, 32 burst readers)",
             "engine_c1": "MatrixEngine(overlap) at 1 channel x 4 chains of 32 (u280 per-channel geometry)",

@@ -54,8 +54,8 @@ SPLIT_CHANNELS = 16
 
 def far_channels(params: HwParams) -> tuple:
     """The weight channels whose dequant unit and chains sit in SLR1, away from their HBM port
-    in SLR0: their raw beats cross the SLR boundary, through a register stage on the far side
-    (:class:`~flightllm.hw.mpe_unit.MpeUnit`'s ``slr<c>``)."""
+    in SLR0: their raw beats cross the SLR boundary (from the reader's data FIFO's output
+    register to the dequant unit's input registers)."""
     C = params.weight_channels
     return tuple(range(C // 2, C)) if C >= SPLIT_CHANNELS else ()
 

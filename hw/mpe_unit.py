@@ -100,12 +100,12 @@ from amaranth import Array, Cat, Const, Module, Mux, ResetInserter, Signal, sign
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .axi import BEATS_BITS, BurstReader, SkidBuffer, axi4_signature, command_layout
+from .axi import BEATS_BITS, BurstReader, axi4_signature, command_layout
 from .buffers import Reach, buf_regions, buffer_map, port_signature
 from .control import COMPUTE_WAITS, PC_BITS, entry_layout
 from .formats import E0_MAX, WeightFormat
 from .fp32 import FMul
-from .geometry import EngineGeometry, delay, far_channels
+from .geometry import EngineGeometry, delay
 from .isa import _FIELDS, AttnFmt, Buf, Opcode, WeightFmt
 from .kvcache import KV_GROUP
 from .mpe import TILE_BITS, MatrixEngine, act_layout, mpe_cfg_layout, mpe_config
@@ -1168,11 +1168,6 @@ class MpeUnit(wiring.Component):
         Width of the weight channels' byte addresses (the kernel adds each channel's base).
     max_burst : int
         Longest read burst of the weight streamers.
-    slr_stage : iterable of int, optional
-        The weight channels whose beats cross an SLR boundary between their reader (at the HBM
-        port) and their dequant unit: each gets a register stage (``slr<c>``, an
-        :class:`~flightllm.hw.axi.SkidBuffer`, placed on the far side) so that the crossing is
-        register to register both ways. Default :func:`~flightllm.hw.geometry.far_channels`.
 
     Attributes
     ----------
@@ -1189,13 +1184,9 @@ class MpeUnit(wiring.Component):
         One read manager per weight channel (addresses from 0 in the channel).
     """
 
-    def __init__(self, params: HwParams, *, addr_bits: int = 64, max_burst: int = 64, slr_stage=None):
+    def __init__(self, params: HwParams, *, addr_bits: int = 64, max_burst: int = 64):
         self.params = params
         self.ug = ug = UnitGeometry(params)
-        self.slr_stage = tuple(sorted(set(far_channels(params) if slr_stage is None else slr_stage)))
-        if any(not 0 <= c < ug.C for c in self.slr_stage):
-            self._MustUse__silence = True
-            raise ValueError(f"MpeUnit: slr_stage {self.slr_stage} names channels outside 0..{ug.C - 1}")
         self._core = _Core(params, addr_bits, max_burst)
         self._readers = [BurstReader(ug.W, addr_bits, max_burst, params.stream_fifo_beats) for _ in range(ug.C)]
         sig = port_signature(params)
@@ -1247,16 +1238,9 @@ class MpeUnit(wiring.Component):
         for c, r in enumerate(self._readers):
             m.submodules[f"reader{c}"] = r
             cmd, dat = getattr(core, f"rcmd{c}"), getattr(core, f"rdata{c}")
-            m.d.comb += [r.cmd.valid.eq(cmd.valid & go), r.cmd.payload.eq(cmd.payload), cmd.ready.eq(r.cmd.ready & go)]
-            beats = r.data
-            if c in self.slr_stage:             # emptied by abort, like the readers it follows
-                sk = SkidBuffer(self.ug.W)
-                m.submodules[f"slr{c}"] = ResetInserter(self.abort)(sk)
-                m.d.comb += [sk.i.valid.eq(r.data.valid), sk.i.payload.eq(r.data.payload),
-                             r.data.ready.eq(sk.i.ready | self.abort)]
-                beats = sk.o
-            m.d.comb += [dat.valid.eq(beats.valid & go), dat.payload.eq(beats.payload),
-                         beats.ready.eq(dat.ready | self.abort)]
+            m.d.comb += [r.cmd.valid.eq(cmd.valid & go), r.cmd.payload.eq(cmd.payload), cmd.ready.eq(r.cmd.ready & go),
+                         dat.valid.eq(r.data.valid & go), dat.payload.eq(r.data.payload),
+                         r.data.ready.eq(dat.ready | self.abort)]
             wiring.connect(m, r.axi, wiring.flipped(getattr(self, f"axi{c}")))
         inflight = Signal(8)
         took = self.issue.valid & self.issue.ready

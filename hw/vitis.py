@@ -248,9 +248,6 @@ def slr_plan(params: HwParams) -> dict:
         why = ("the second half of the channels' dequant units and chains: SLR0 cannot hold "
                "the whole engine; the raw 512-bit beat crosses the SLR boundary (narrower than "
                "the dequantized lanes)" if far else "dequant unit and chains beside their channel")
-        if far:
-            where.append((f"unit_mpe/slr{c}", "the register stage of the channel's beats on the far side of the "
-                          "SLR crossing: reader FIFO register -> SLL -> this stage's registers"))
         for cell in (f"unit_mpe/core/engine/beat_fifo{c}", f"unit_mpe/core/engine/dequant{c}"):
             where.append((cell, why))
         for j in range(c, params.chains, C):            # chain j is fed by dequant unit j % C
@@ -433,10 +430,10 @@ def floorplan_tcl(params: HwParams) -> str:
          "#   SLR0 cannot hold all the engine's DSPs next to the HBM paths, so the dequant units and",
          "#   chains of the upper half of the channels go to SLR1; what crosses the boundary is each",
          "#   channel's raw beat (hbm_port_bits wide, from the reader's data FIFO to the engine's beat",
-         "#   FIFO) and the activation broadcast, not the wider dequantized lanes. Each crossing beat",
-         "#   is registered on both sides: the reader FIFO's output register in SLR0, the channel's",
-         "#   register stage unit_mpe/slrNN (a skid pair with a registered ready) in SLR1, so data",
-         "#   and valid go register -> SLL -> register and ready comes back from a register.",
+         "#   FIFO) and the activation broadcast, not the wider dequantized lanes. The crossing is",
+         "#   registered on both sides: the reader's data FIFO has an output register (SLR0), the",
+         "#   dequant unit takes its input into its skid register or word window and drives ready",
+         "#   from registers (SLR1); data and valid pass at most one LUT on each side of the SLL.",
          "# - Buffers (URAM/BRAM, the largest block) and the SFU are left to the placer inside the",
          "#   dynamic region: the buffers need URAM of more than one SLR at u280 size.",
          "",

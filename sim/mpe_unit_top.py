@@ -61,9 +61,7 @@ STALLS = (("ld", "rd_req"), ("out", "rd_req"), ("out", "wr"))
 
 class MpeUnitTestTop(wiring.Component):
     def __init__(self, params: HwParams):
-        # the last channel's beats pass an SLR-crossing register stage, as the u280's upper half
-        # do (hw/geometry.py far_channels): the tests run the unit with one channel a cycle late
-        self.unit = MpeUnit(params, addr_bits=ADDR_BITS, slr_stage=(params.weight_channels - 1,))
+        self.unit = MpeUnit(params, addr_bits=ADDR_BITS)
         self.bufs = Buffers(params, clients=("host", "ld", "out"), only=REGIONS)
         self.channels = params.weight_channels
         members = {
