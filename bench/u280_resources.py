@@ -511,15 +511,16 @@ Yosys gives no timing; these are the paths to watch in the routed report (`make 
 1. **SLR0 -> SLR1: the raw 512-bit beats of channels 16-31.** `slr_plan` puts each channel's
    burst reader (with its data FIFO, the stream FIFO) in SLR0 and, from 16 channels on
    (`hw/geometry.py` `far_channels`), the dequant units, beat FIFOs and chains of the upper
-   half in SLR1. Each crossing channel has a register stage on the far side
-   (`MpeUnit`'s `slr<c>`, a `SkidBuffer` pinned to SLR1 by `floorplan.tcl`): the FIFO's
-   output register (SLR0) drives the SLLs straight into the stage's output and skid registers
-   (data and valid: register -> SLL -> register), and the stage's `ready` is a register
-   (`~skid_full`) whose SLL net ends in the FIFO's read enable: 16 x (512 + 2) nets, none
-   with logic before the SLL. It costs one cycle of latency on those channels (the sequencer
-   waits for every dequant unit anyway) and is emptied by `abort`. What remains: whether
-   Vivado needs the Laguna TX/RX flops (`USER_SLL_REG`) at 225 MHz, which only the routed
-   report shows.
+   half in SLR1. The crossing is registered on both sides: the data FIFO is a
+   `SyncFIFOBuffered`, so its data and valid leave an output register in SLR0; they reach
+   the dequant unit's skid register and word window (registers, a 2:1 mux before the window
+   slot) in SLR1, whose `words.ready` is itself a register (`in_more & ~sk_valid`) and comes
+   back to the FIFO's read enable. Between them only the `MpeUnit` abort gating (one AND on
+   valid, one OR on ready). 16 x (512 + 2) SLL nets. A further skid stage on the far side
+   was built and measured (6071985: 16 x 512 LUTs more) and taken out again (45b6027): it
+   has the same register -> SLL -> mux -> register shape. What remains: whether Vivado
+   needs the Laguna TX/RX flops (`USER_SLL_REG`) on these nets at 225 MHz, which only the
+   routed report shows.
 2. **The engine's shared part driving both SLRs.** The sequencer (unpinned, one instance)
    issues a (beat, token) when all 32 dequant units have a beat (per-unit counters, counted
    up by registered push pulses) and pops the 32 beat FIFOs through per-unit registered pops
@@ -530,17 +531,20 @@ Yosys gives no timing; these are the paths to watch in the routed report (`make 
    AND over 32 counters spread over two SLRs. What remains: a broadcast level pinned on each
    side of the boundary (one more `bcast_stages` level and per-SLR pblocks for it).
 3. **Buffer client-to-memory muxing.** `Buffers` (one memory per region, 29 regions at u280)
-   arbitrates 11 clients per region with a combinational round-robin grant (`_round_robin`:
-   region compare on each client's FIFO head -> grant -> address/data mux into the memory
-   port), and returns read data through a registered per-client region mux (29 regions x
-   1,024 bits into each client's register: `READ_LATENCY` = 2 is one cycle in the memory
-   plus that register). The client FIFOs give registered readys; the paths from a client's
-   FIFO head to a memory's address, and from every memory's output to every client's data
-   register, are wide and long: they are most of the buffers' LUTs (40% of the sim kernel's)
-   and, with the buffers spread over URAM in more than one SLR (they need more than one SLR's
-   320 URAMs), they may cross SLRs. What remains: a registered grant (as `hw/axi.py`'s
-   arbiters have), an address register before each memory, and a pipelined read-data mux
-   (one more cycle of `READ_LATENCY`, which the units' credit counters would absorb).
+   wires each of its 11 client ports only to the regions its unit can touch (`Reach`, from the
+   unit's own decode): 148 client-region links instead of 638, at most 4 readers and 4
+   writers per region, read-data muxes of 28 regions (the SFU's `x`), 18 (`s2`), 16 (ST),
+   15 (the MPE's loader), 5, 2 and 1. Each region's grant is a combinational round-robin
+   over its clients (`_round_robin`: region compare on each client's FIFO head -> grant ->
+   address/data mux into the memory port); read data return through a registered per-client
+   region mux (`READ_LATENCY` = 2: one cycle in the memory plus that register). The client
+   FIFOs give registered readys. The paths from a client's FIFO head to a memory's address,
+   and from the memories' outputs to the SFU's data registers (1,024 bits from up to 28
+   regions), are wide and long, and with the buffers spread over URAM in more than one SLR
+   (they need more than one SLR's 320 URAMs) they may cross SLRs. What remains: a
+   registered grant (as `hw/axi.py`'s arbiters have), an address register before each
+   memory, and a pipelined read-data mux (one more cycle of `READ_LATENCY`, which the units'
+   credit counters would absorb).
 4. **URAM cascades.** The deep regions are URAM (`ram_style = "ultra"` from 4,096 words):
    the score row S is 65,536 words x 1,024 bits, 16 URAM288 deep and 15 wide (240 URAMs),
    TAB 105, LOG 90. A 16-deep cascade read in one cycle with no output register (the memory's
@@ -628,11 +632,14 @@ def write(res, out):
           "LD and ST units, each flattened on its own (control, fetch, tables loader, AXI-Lite slave, the "
           "instruction mux, the buffers with the kernel's 11 clients, and one of each identical per-channel "
           "instance: `ReadMux` x32, `WriteMux` x32, `BurstReader` x64, `BurstWriter` x32, counted per instance); "
-          "the LD and ST units (with EMBED and ST_KT) inside the kernel with every other instance stubbed, not "
-          "flattened (the top level wires their engines' buffer and AXI ports directly, which a unit synthesised "
-          "on its own leaves open: flattened alone, the u280 LD unit came to 5,521 LUTs, against 77,449 here; "
-          "not flattened, these two rows are upper bounds, as in `docs/kernel_resources.md`, where the sim "
-          "kernel's hierarchical sum is 37% above its flattened LUTs); the MPE unit around "
+          "the LD and ST units (with EMBED and ST_KT) inside the kernel with every other instance stubbed "
+          "(the top level wires their engines' buffer and AXI ports directly, which a unit synthesised "
+          "on its own leaves open: flattened alone, the u280 LD unit came to 5,521 LUTs, against 77,449 inside "
+          "the kernel), flattened with the top level's own cells but for the stubs (`ldst_flat`: Yosys "
+          "`keep_hierarchy` on them), less the top level's own cells of the `top` run; the same run not "
+          "flattened (`ldst`, whose per-engine split is in the JSON) gives 42% more LUTs, as in "
+          "`docs/kernel_resources.md`, where the sim kernel's hierarchical sum is 37% above its flattened "
+          "LUTs; the MPE unit around "
           "its engine (engine stubbed; its 32 burst readers and 32 output lanes included); the SFU unit around "
           "its core; the top level's own cells (every instance stubbed). A stub is a register per output fed "
           "by the parity of the inputs, in its own module: in a run that is not flattened the logic around it "
@@ -693,13 +700,18 @@ def write(res, out):
                 "**By these counts it does not fit**: " + "; ".join(bad) + ".")
            + (" Tight: " + ", ".join(tight) + ": the pinned cells fit there only if the static region's share of "
               "that SLR is at most the figure given." if tight else ""),
-           "", "Largest LUT groups: " + _largest(s, "LUT") + ". The LUT total is the one over the region. It is "
-           "a Yosys count (plain ABC mapping, wide muxes left in fabric; the LD/ST rows not flattened), an upper "
-           "bound on Vivado's, but the gap cannot be shown closed without Vivado: `make synth-ooc` on a build "
-           "host is the check. Where the LUTs could come down without touching the MACs: the buffers' 11 "
-           "client ports into 29 regions (the same buffers with 5 clients were 130,683 LUTs, "
-           "`docs/sfu_resources.md`), and the LD/ST address spaces interleaved over all 32 channels "
-           "(`kv_channels` = 32: a port per channel in each space engine); neither is changed here.",
+           "", "Largest LUT groups: " + _largest(s, "LUT") + ". It is a Yosys count (plain ABC mapping, wide "
+           "muxes left in fabric), an upper bound on Vivado's; `make synth-ooc` on a build host is the check. "
+           "What brought the LUTs inside the region (commit c1cec6c): each buffer client port is wired only to "
+           "the regions its unit can touch (`hw/buffers.py` `Reach`: 148 client-region links instead of 638), "
+           "which took the buffers from 293,670 LUTs (11 clients on every region) to 93,333; and the LD/ST "
+           "row is now a flattened count (174,722 LUTs hierarchical, an upper bound, against 122,810). "
+           "Measured and not taken: the LD/ST spaces over fewer channels (`kv_channels`, 32 on the u280; a "
+           "port per channel in each space engine and a second client on each channel's `WriteMux`): the "
+           "performance model's LLaMA2-7B decode at position 4096 falls from 80.2 tok/s (85.3% of the "
+           "roofline) to 78.7 (83.7%) with 8 channels, 76.8 with 4 and 67.0 with 1, under the 85% target "
+           "(`flightllm perf --hw params.json`), for at most the space engines' per-channel ports and 24 "
+           "`WriteMux` clients (about 1.4 K LUTs each).",
            "", "Two things this table does not hold, both against SLR0: the HBM memory subsystem that `v++` "
            "inserts in the dynamic region for the 32 HBM ports (RapidStream's U280 examples reserve about 5,000 "
            "LUTs and 6,500 FFs per 512-bit HBM channel for it, 160 K LUTs for 32: an outside estimate, not "
