@@ -248,6 +248,15 @@ def do_run(run, p, units, work, timeout):
         stub = [n for n in units if run == "top" or n not in IN_KERNEL]
         with stubbed(*{type(units[n]) for n in stub}):
             return run_hier(run, Kernel(p), "kernel", work, timeout, stub)
+    if run == "fmul_fabric":
+        # the DSP-share lever: a float32 multiplier (2 DSP48E2) with its product in fabric instead
+        fmul = _hw_class("fp32", "FMul")
+        out = {"flags": f"{SYNTH} [-nodsp]", "synth_s": 0.0}
+        for key, flags in (("dsp", SYNTH), ("fabric", SYNTH + " -nodsp")):
+            r = synth(fmul(), "fmul", work / run / key, flags, timeout=timeout)
+            out[key] = {c: r[c] for c in COLS}
+            out["synth_s"] = round(out["synth_s"] + r["synth_s"], 1)
+        return out
     if run == "ldst_flat":
         from flightllm.hw.kernel import Kernel
         stub = [n for n in units if n not in IN_KERNEL]
@@ -444,7 +453,7 @@ def main(argv=None):
     res["unit_runs"] = plan_unit_runs(units)
     print(f"{len(units)} instances, {len(res['unit_runs'])} distinct flat runs ({time.time() - t0:.0f} s)", flush=True)
     order = [r for r in res["unit_runs"] if r != "unit:buffers"]
-    order += ["top", "ldst", "ldst_flat", "sfu_unit"] + [f"engine_c{c}" for c in ENGINE_SLICES] + ["mpe_unit", "unit:buffers"]
+    order += ["top", "ldst", "ldst_flat", "fmul_fabric", "sfu_unit"] + [f"engine_c{c}" for c in ENGINE_SLICES] + ["mpe_unit", "unit:buffers"]
     if a.list:
         print("\n".join(order))
         return 0
@@ -498,6 +507,8 @@ RUN_NOTE = {"top": "the kernel's top level, every instance stubbed (its own cell
                     "by the top level)",
             "ldst_flat": "the same, flattened but for the stubs (keep_hierarchy): the LD and ST units with the "
                          "top level's own cells, optimised across their boundaries",
+            "fmul_fabric": "FMul (float32 multiply) flattened, with and without DSP48E2 (`-nodsp`): the DSP "
+                           "share's lever",
             "sfu_unit": "SfuKernelUnit, its SfuCore stubbed (decode, buffer-port logic and FIFOs)",
             "mpe_unit": "MpeUnit, its MatrixEngine stubbed (decode, loader, out lanes, 32 burst readers)",
             "engine_c1": "MatrixEngine(overlap) at 1 channel x 4 chains of 32 (u280 per-channel geometry)",
@@ -609,6 +620,23 @@ def _other_dsps(s, p):
                                    "DSPs each split at 17 bits)" if g == "MPE chains" else "")
              for g, n in sorted(whole.items(), key=lambda kv: -kv[1]) if n]
     return ", ".join(parts)
+
+
+def _dsp_lever(res, macs, dsp, luts):
+    """What moving non-MAC products into fabric would cost to reach the 75% share (a sentence)."""
+    f = res["runs"].get("fmul_fabric")
+    if not f or dsp * 0.75 <= macs:
+        return ""
+    need = dsp - int(macs / 0.75)                       # DSPs to take out of the kernel
+    per = (f["fabric"]["LUT"] - f["dsp"]["LUT"]) / f["dsp"]["DSP48E2"]
+    after = luts + need * per
+    return (f" The lever would be products in fabric instead of DSPs: 75% needs {num(need)} fewer non-MAC DSP48E2; "
+            f"an `FMul` (the SFU's and the output lanes' float32 multiply) takes {num(f['dsp']['LUT'])} LUTs with "
+            f"{f['dsp']['DSP48E2']} DSP48E2 and {num(f['fabric']['LUT'])} without (`fmul_fabric`: "
+            f"{per:,.0f} LUTs a DSP), so the kernel would need about {num(after)} LUTs, "
+            f"{100 * after / U280_REGION['LUT']:.1f}% of the region: "
+            + ("inside it." if after <= U280_REGION["LUT"] else "over it, where LUTs are the binding resource; "
+               "not done."))
 
 
 def write(res, out):
@@ -729,7 +757,8 @@ def write(res, out):
            "(a 512-bit beat of 4-bit weights feeds 128 MACs in a cycle at the channel's rate), x 32 channels = "
            "4,096 MACs, about half the region; more chains would wait on the same weight stream (decode is bandwidth-bound). The "
            "kernel's other DSPs: " + _other_dsps(s, p) + ". Packing two INT8 MACs per DSP48E2 "
-           "(WP486) is not done; it would halve the MAC DSPs, not raise the share.", ""]
+           "(WP486) is not done; it would halve the MAC DSPs, not raise the share."
+           + _dsp_lever(res, macs, dsp, t["LUT"]), ""]
     md += ["## Runs", "", "| run | what | instances | Yosys s | wall s |", "|---|---|---:|---:|---:|"]
     for run, v in res["runs"].items():
         names = res["unit_runs"].get(run)
