@@ -275,7 +275,6 @@ class Buffers(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         L = self.params.sfu_lanes
-        C = len(self.clients)
         none = len(buffer_map(self.params))             # a read region id no case matches: zeros
         # per client: the read it issued READ_LATENCY - 1 cycles ago comes from this region
         rd_valid = [Signal(name=f"rdv_{c}") for c in self.clients]

@@ -133,7 +133,7 @@ from amaranth.utils import ceil_log2, exact_log2
 from .axi import BEATS_BITS, BurstReader, BurstWriter, axi4_signature
 from .buffers import Reach, buffer_map, capacity, port_signature
 from .control import PC_BITS, entry_layout
-from .isa import _FIELDS, REG_BITS, WORD_BITS, Buf, MemFmt, Opcode, Space
+from .isa import _FIELDS, REG_BITS, UNIT_OF, WORD_BITS, Buf, MemFmt, Opcode, Space, Unit
 from .memmap import GRANULE
 from .params import HwParams
 
@@ -222,7 +222,6 @@ class _SpaceEngine(wiring.Component):
     """What SpaceLoad and SpaceStore share: geometry, the entry checks and the command loop."""
 
     OPCODES = ()
-    WRITES_BUFFERS = False      #: HBM -> buffers (a load) or buffers -> HBM (a store)
 
     def _geometry(self, params: HwParams, max_burst: int, seg_granules: int | None):
         """Check the parameters and set the geometry (before any submodule is built)."""
@@ -267,9 +266,10 @@ class _SpaceEngine(wiring.Component):
         self.g_bits = self.sa_bits - exact_log2(GRANULE)
         self.mb_bits = self.nb_bits - self.lgW + 2           # beats of one transfer
         moved = frozenset(t[0].name for t in allt)
-        #: ``buf`` reaches the regions its opcodes move (:func:`targets`): a load writes them,
-        #: a store reads them
-        self.reach = {"buf": Reach(writes=moved) if self.WRITES_BUFFERS else Reach(reads=moved)}
+        #: ``buf`` reaches the regions its opcodes move (:func:`targets`): the LD unit's (HBM ->
+        #: buffers) write them, the ST unit's read them
+        loads = all(UNIT_OF[op] == Unit.LD for op in self.OPCODES)
+        self.reach = {"buf": Reach(writes=moved) if loads else Reach(reads=moved)}
         super().__init__({
             "issue": In(stream.Signature(entry_layout())),
             "done": Out(1), "busy": Out(1), "abort": In(1), "fault": Out(1), "fault_pc": Out(PC_BITS),
@@ -481,7 +481,6 @@ class SpaceLoad(_SpaceEngine):
     """
 
     OPCODES = (Opcode.LD_KV,)
-    WRITES_BUFFERS = True
 
     def __init__(self, params: HwParams, *, addr_bits: int = 64, max_burst: int = 32, fifo_depth: int | None = None,
                  seg_granules: int | None = None):
@@ -719,7 +718,6 @@ class SpaceStore(_SpaceEngine):
     """
 
     OPCODES = (Opcode.ST_KV, Opcode.ST_OUT)
-    WRITES_BUFFERS = False
 
     def __init__(self, params: HwParams, *, addr_bits: int = 64, max_burst: int = 8, outstanding: int = 16,
                  seg_granules: int | None = None, rd_depth: int = 8):

@@ -226,8 +226,6 @@ def memory_bank(params: HwParams, argument: str) -> str:
     return f"HBM[{c}]"
 
 
-
-
 def slr_plan(params: HwParams) -> dict:
     """``{SLR name: [(cell path under the kernel, reason), ...]}``: which of the kernel's
     instances :func:`floorplan_tcl` pins to which SLR. Instance names are the submodule names

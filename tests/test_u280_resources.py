@@ -1,7 +1,7 @@
 """docs/u280_resources.json (bench/u280_resources.py) against the floorplan and the user region.
 
 No Yosys run: the committed figures must add up, be split over the SLRs as ``hw.vitis.slr_plan``
-pins the cells today, fit in DSPs, BRAM and URAM, and state the LUT verdict the figures give.
+pins the cells today, fit in every resource, and state the verdict the figures give.
 """
 
 import json
